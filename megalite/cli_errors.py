@@ -1,0 +1,29 @@
+"""Turn the errors a user can cause into one line and an exit status, instead of a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch.multiprocessing import ProcessRaisedException
+
+from megalite.checkpoint.store import CheckpointError
+from megalite.config import ConfigError
+from megalite.data.manifest import DataError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+@contextmanager
+def exit_on_error() -> Iterator[None]:
+    """Exit 2 with `error: <message>` for bad input; exit 1 naming the rank when a worker fails."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ProcessRaisedException as e:
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        print(f"error: rank {e.error_index} failed: {lines[-1]}", file=sys.stderr)
+        sys.exit(1)

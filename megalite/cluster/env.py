@@ -1,0 +1,93 @@
+"""Where this process sits in the job, read from the environment, and torch.distributed set-up.
+
+Three ways a megalite process is started, all ending in the same `DistEnv`:
+- by megalite's own local launcher (`cluster/local.py`), which sets the torchrun variables;
+- by `torchrun` (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT);
+- by `srun` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, ...): the master address is the first node
+  of the job and the port is derived from the job id, so no hostfile is needed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    global_rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+
+
+def slurm_master_port(job_id: int) -> int:
+    """A port in [15000, 35000) that every task of one job agrees on."""
+    return 15000 + job_id % 20000
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    )
+    return out.stdout.split()[0]
+
+
+def from_environ(environ: dict[str, str] | None = None) -> DistEnv | None:
+    """The DistEnv an outside launcher gave this process, or None when started by hand."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            global_rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(env["SLURM_JOB_NODELIST"])
+        port = int(env.get("MASTER_PORT") or slurm_master_port(int(env["SLURM_JOB_ID"])))
+        return DistEnv(
+            global_rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_world_size=int(
+                (env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1"))
+                .split("(")[0]
+                .split(",")[0]
+            ),
+            master_addr=addr,
+            master_port=port,
+        )
+    return None
+
+
+def pick_device(requested: str, *, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but no CUDA device is visible")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(env: DistEnv, *, device: torch.device, timeout_s: float = 600.0) -> None:
+    """Join the process group: NCCL on GPUs, gloo on CPU."""
+    if device.type == "cpu":
+        # Share the cores between the local ranks instead of oversubscribing them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.global_rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )

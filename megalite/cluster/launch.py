@@ -1,0 +1,110 @@
+"""From a composed Hydra config to running workers: everything that can fail before a process starts
+fails here, with one line.
+
+Sequence: typed config → validate → run directory → data (bundled sample prepared on first use) →
+tokenizer vs model vocabulary → resume target checked against model shape and layout → resolved
+`config.yaml` written → workers (spawned here, or this process is one of torchrun's/srun's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from megalite.checkpoint import store
+from megalite.cluster.env import from_environ
+from megalite.cluster.local import spawn
+from megalite.config import Config, ConfigError, register_configs, validate
+from megalite.data.manifest import load_manifest
+from megalite.data.sample import prepare_sample
+from megalite.train.worker import run_worker
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_config(overrides: list[str] | None = None) -> Config:
+    """The typed Config that `python launch/pretrain.py <overrides>` runs (Hydra compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return to_config(compose("pretrain", overrides=list(overrides or [])))
+
+
+def to_config(dcfg: DictConfig | Config) -> Config:
+    if isinstance(dcfg, Config):
+        return dcfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), dcfg))
+
+
+def resolve_data(cfg: Config) -> Path:
+    """The prepared-data folder; the bundled sample is prepared (once) when no path is given."""
+    if cfg.data.path is not None:
+        return Path(cfg.data.path).expanduser().resolve()
+    if cfg.data.name != "shakespeare":
+        raise ConfigError(f"data={cfg.data.name} needs data.path=DIR (a tools/prepare_data.py output)")
+    return prepare_sample(Path(cfg.data.cache_dir).expanduser(), vocab_size=cfg.data.vocab_size)
+
+
+def check_vocab(cfg: Config, data_path: Path) -> None:
+    manifest = load_manifest(data_path)
+    if manifest.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer in {data_path} has {manifest.vocab_size} tokens but "
+            f"model.vocab_size={cfg.model.vocab_size}: use a model with vocab_size >= "
+            f"{manifest.vocab_size} or prepare the data with a smaller vocabulary"
+        )
+
+
+def resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
+    if not cfg.trainer.resume:
+        return None
+    ckpt = store.resolve(cfg.trainer.resume, run_dir=run_dir)
+    if ckpt is None:
+        return None
+    meta = store.read_meta(ckpt)
+    meta["path"] = str(ckpt)
+    p = cfg.parallel
+    store.check_compatible(
+        meta, model=asdict(cfg.model), layout={"tp": p.tp, "pp": p.pp, "dp": p.dp}
+    )
+    return ckpt
+
+
+def prepare_run(
+    cfg: Config, *, run_dir: Path, world_size: int | None, writer: bool = True
+) -> Path | None:
+    """Validate and set up the run; returns the checkpoint to resume from (or None).
+
+    Fills `cfg.data.path` with the prepared-data folder so every worker reads the same one.
+    """
+    validate(cfg, world_size=world_size)
+    data_path = resolve_data(cfg)
+    check_vocab(cfg, data_path)
+    cfg.data.path = str(data_path)
+    cfg.trainer.run_dir = str(run_dir)
+    resume = resolve_resume(cfg, run_dir)
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return resume
+
+
+def launch(cfg: Config, *, default_run_dir: Path) -> dict[str, float] | None:
+    """Run the job: in this process if an outside launcher started it, else in tp*pp*dp children."""
+    env = from_environ()
+    run_dir = Path(cfg.trainer.run_dir or default_run_dir).expanduser().resolve()
+    resume = prepare_run(
+        cfg,
+        run_dir=run_dir,
+        world_size=env.world_size if env else None,
+        writer=env is None or env.global_rank == 0,
+    )
+    resume_arg = str(resume) if resume else None
+    if env is not None:
+        return run_worker(cfg, str(run_dir), resume_arg)
+    spawn(run_worker, nprocs=cfg.world_size, args=(cfg, str(run_dir), resume_arg))
+    return None

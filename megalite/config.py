@@ -1,0 +1,261 @@
+"""Typed configuration: dataclass schemas registered in Hydra's ConfigStore, and their validation.
+
+Every config group under `conf/` is backed by one dataclass here, so a misspelt key or a value of the
+wrong type fails when Hydra composes the config, not mid-run. `validate()` checks what a schema
+cannot (divisibility, ranges, paths) and raises `ConfigError` whose message is one line naming the
+fix; the launcher calls it before any process starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line that names the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-style decoder. Presets live in `conf/model/<name>.yaml`."""
+
+    name: str = MISSING
+    dim: int = MISSING
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    n_kv_heads: int = MISSING
+    ffn_dim: int = MISSING  # hidden size of the SwiGLU MLP
+    vocab_size: int = MISSING
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    max_seq_len: int = 4096
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from: a folder written by `tools/prepare_data.py` (`path`), or for
+    `name=shakespeare` with no path, the bundled sample, prepared on first use into `cache_dir`."""
+
+    name: str = "shakespeare"
+    path: str | None = None
+    cache_dir: str = "~/.cache/megalite/data"
+    vocab_size: int = 4096  # for preparing the bundled sample only
+    shuffle: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero_stage: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | linear | constant (after warmup)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_steps: int = 10  # micro-batches per rank per evaluation
+    save_interval: int = 500
+    resume: str | None = None  # None | auto | path to a checkpoint folder
+    # Stop (after a checkpoint) once this step is reached, the schedule still following
+    # max_steps: to split a run over several jobs (Megatron's --exit-interval).
+    stop_at_step: int | None = None
+    run_dir: str | None = None  # None: Hydra's output folder
+    precision: str = "fp32"  # fp32 | bf16
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda
+    peak_flops: float | None = None  # per device; None: known GPU table, or cpu_peak_flops on CPU
+    cpu_peak_flops: float = 1.0e11
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "megalite"
+    entity: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    level: str = "INFO"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    optim: OptimConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logging: LoggingConfig = MISSING
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.tp * self.parallel.pp * self.parallel.dp
+
+    @property
+    def grad_accum_steps(self) -> int:
+        t = self.trainer
+        return t.global_batch_size // (t.micro_batch_size * self.parallel.dp)
+
+
+def register_configs() -> None:
+    """Register the schemas so `conf/*.yaml` are checked against them (`defaults: [_self_, ...]`)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=Config)
+    for group, node in (
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("parallel", ParallelConfig),
+        ("optim", OptimConfig),
+        ("trainer", TrainerConfig),
+        ("logging", LoggingConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_model(m: ModelConfig) -> None:
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):
+        _require(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+    _require(
+        m.dim % m.n_heads == 0,
+        f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}: change one of them",
+    )
+    _require(
+        m.n_heads % m.n_kv_heads == 0,
+        f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}",
+    )
+    _require(m.head_dim % 2 == 0, f"head dim {m.head_dim} must be even for rotary embeddings")
+
+
+def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
+    for key in ("tp", "pp", "dp"):
+        _require(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1")
+    _require(
+        p.zero_stage in (0, 1, 2, 3),
+        f"parallel.zero_stage={p.zero_stage} is not a ZeRO stage: use 0, 1, 2 or 3",
+    )
+    _require(
+        m.n_heads % p.tp == 0,
+        f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}: "
+        f"use a tp that divides {m.n_heads}",
+    )
+    _require(
+        m.n_kv_heads % p.tp == 0 or p.tp % m.n_kv_heads == 0,
+        f"model.n_kv_heads={m.n_kv_heads} and parallel.tp={p.tp} must divide one another: "
+        f"use a tp that divides {m.n_kv_heads} or is a multiple of it",
+    )
+    _require(
+        p.pp <= m.n_layers,
+        f"parallel.pp={p.pp} exceeds model.n_layers={m.n_layers}: use pp <= {m.n_layers}",
+    )
+    _require(
+        not (p.pp > 1 and p.zero_stage > 1),
+        f"parallel.zero_stage={p.zero_stage} cannot run with pipeline parallelism (pp={p.pp}): "
+        "use parallel.zero_stage=0 or 1",
+    )
+    _require(
+        p.tp == 1 and p.pp == 1,
+        f"tensor/pipeline parallelism (tp={p.tp}, pp={p.pp}) is not available yet: "
+        "use parallel.tp=1 parallel.pp=1",
+    )
+
+
+def validate_trainer(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> None:
+    for key in ("max_steps", "seq_len", "micro_batch_size", "global_batch_size", "eval_steps"):
+        _require(getattr(t, key) > 0, f"trainer.{key}={getattr(t, key)} must be positive")
+    for key in ("log_interval", "eval_interval", "save_interval"):
+        _require(getattr(t, key) >= 0, f"trainer.{key} must be >= 0 (0 disables it)")
+    per_step = t.micro_batch_size * p.dp
+    _require(
+        t.global_batch_size % per_step == 0,
+        f"trainer.global_batch_size={t.global_batch_size} is not divisible by "
+        f"micro_batch_size x dp = {t.micro_batch_size} x {p.dp} = {per_step}: "
+        f"use a multiple of {per_step}",
+    )
+    _require(
+        t.precision in ("fp32", "bf16"),
+        f"trainer.precision={t.precision!r}: use fp32 or bf16",
+    )
+    _require(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r}: use auto|cpu|cuda")
+    _require(
+        t.seq_len <= m.max_seq_len,
+        f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
+    )
+
+
+def validate_optim(o: OptimConfig) -> None:
+    _require(o.lr > 0 and math.isfinite(o.lr), f"optim.lr={o.lr} must be a positive number")
+    _require(0 <= o.min_lr <= o.lr, f"optim.min_lr={o.min_lr} must lie in [0, optim.lr={o.lr}]")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    _require(o.decay in ("cosine", "linear", "constant"), "optim.decay: use cosine|linear|constant")
+    _require(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+
+
+def validate_logging(lg: LoggingConfig) -> None:
+    _require(
+        lg.wandb.mode in ("offline", "online", "disabled"),
+        f"logging.wandb.mode={lg.wandb.mode!r}: use offline, online or disabled",
+    )
+
+
+def validate(cfg: Config, *, world_size: int | None = None) -> None:
+    """Check everything that can be checked before a process starts.
+
+    `world_size` is the number of processes that an outside launcher (torchrun, srun) started;
+    None when megalite spawns them itself (then it starts exactly tp*pp*dp).
+    """
+    validate_model(cfg.model)
+    validate_parallel(cfg.parallel, cfg.model)
+    validate_trainer(cfg.trainer, cfg.parallel, cfg.model)
+    validate_optim(cfg.optim)
+    validate_logging(cfg.logging)
+    if world_size is not None:
+        p = cfg.parallel
+        _require(
+            world_size == cfg.world_size,
+            f"world size {world_size} != tp x pp x dp = {p.tp} x {p.pp} x {p.dp} = "
+            f"{cfg.world_size}: set parallel.dp={max(1, world_size // (p.tp * p.pp))} "
+            "or start that many processes",
+        )
+    if cfg.data.path is not None:
+        path = Path(cfg.data.path).expanduser()
+        _require(path.exists(), f"data.path={cfg.data.path} does not exist: run tools/prepare_data.py")

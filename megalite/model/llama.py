@@ -1,0 +1,228 @@
+"""A plain Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+The model knows nothing of ranks: tensor and pipeline parallelism are applied from outside by
+replacing its `nn.Linear` layers and cutting `layers`, a flat list of identical blocks. Head counts
+are read off the projection widths at run time, so a block whose projections were sharded keeps
+working. The parameter set is exactly Llama's (embed, per layer wq wk wv wo w1 w2 w3 and two norms,
+final norm, head unless tied), with no biases and no dropout, and RoPE uses Hugging Face's
+rotate-half layout, so a conversion to `LlamaForCausalLM` is a renaming of tensors.
+
+Every rotary table is one `RotaryEmbedding` shared by all attention layers: a pipeline stage cut
+from `layers` is self-contained, yet the tables exist once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megalite.config import ModelConfig
+from megalite.model import ops
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain and no bias (see `ops.rms_norm`)."""
+
+    def __init__(self, dim: int, *, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def init_weights(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)  # (..., dim)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions [0, max_seq_len), in Hugging Face's rotate-half layout.
+
+    The tables are computed in fp32 and kept as non-persistent buffers (rebuilt by `init_tables`,
+    never checkpointed). `apply_rotary` casts them to the activations' dtype, as HF does; if the
+    model is cast to bf16 the tables are rounded the same way.
+    """
+
+    def __init__(self, head_dim: int, *, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        shape = (max_seq_len, head_dim)
+        self.register_buffer("cos", torch.empty(shape, dtype=torch.float32), persistent=False)
+        self.register_buffer("sin", torch.empty(shape, dtype=torch.float32), persistent=False)
+
+    @torch.no_grad()
+    def init_tables(self) -> None:
+        device, d = self.cos.device, self.head_dim
+        inv_freq = 1.0 / (
+            self.theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+        )  # (d/2,)
+        positions = torch.arange(self.cos.shape[0], device=device).float()  # (s_max,)
+        angles = torch.outer(positions, inv_freq)  # (s_max, d/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (s_max, d)
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
+
+    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables for positions [0, seq_len): two (seq_len, head_dim) fp32 tensors."""
+        if seq_len > self.cos.shape[0]:
+            raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.cos.shape[0]}")
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # (..., d/2) each
+    return torch.cat((-x2, x1), dim=-1)  # (..., d)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (b, heads, s, head_dim) by position: x*cos + rotate_half(x)*sin, in x's dtype."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (s, head_dim)
+    return x * cos + rotate_half(x) * sin  # (b, heads, s, head_dim)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention; n_kv_heads divides n_heads."""
+
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.rope = rope
+
+    def init_weights(self, *, std: float, out_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.normal_(linear.weight, mean=0.0, std=std)
+        nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape  # (b, s, dim)
+        q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_heads, s, hd)
+        k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_kv_heads, s, hd)
+        v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_kv_heads, s, hd)
+        cos, sin = self.rope(s)  # (s, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = ops.attention(q, k, v)  # (b, n_heads, s, hd)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))  # (b, s, dim)
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), w1 the gate, w3 the up and w2 the down projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def init_weights(self, *, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1.weight, mean=0.0, std=std)
+        nn.init.normal_(self.w3.weight, mean=0.0, std=std)
+        nn.init.normal_(self.w2.weight, mean=0.0, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = F.silu(self.w1(x)) * self.w3(x)  # (b, s, ffn_dim)
+        return self.w2(gate)  # (b, s, dim)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). Maps (b, s, dim) to (b, s, dim)."""
+
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, rope)
+        self.mlp_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def init_weights(self, *, std: float, out_std: float) -> None:
+        """Draws in a fixed order: wq, wk, wv, wo, w1, w3, w2 (norms draw nothing)."""
+        self.attn_norm.init_weights()
+        self.attn.init_weights(std=std, out_std=out_std)
+        self.mlp_norm.init_weights()
+        self.mlp.init_weights(std=std, out_std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x))  # (b, s, dim)
+        return h + self.mlp(self.mlp_norm(h))  # (b, s, dim)
+
+
+class Llama(nn.Module):
+    """The decoder: `embed`, `layers` (a flat ModuleList of TransformerBlock), `norm`, `head`.
+
+    Construction allocates on meta and then materialises with `to_empty` on `device` (default:
+    torch's current default device, so building under `with torch.device("meta")` stays free), and
+    finally calls `init_weights()`. The modules' own default initialisers therefore never draw
+    from the RNG and `init_weights` is the only consumer: the same seed gives the same weights
+    whether the model is built directly or on meta, then `to_empty()` + `init_weights()`.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        with torch.device("meta"):
+            self.rope = RotaryEmbedding(
+                cfg.head_dim, max_seq_len=cfg.max_seq_len, theta=cfg.rope_theta
+            )
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.layers = nn.ModuleList(
+                TransformerBlock(cfg, self.rope) for _ in range(cfg.n_layers)
+            )
+            self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+            self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.to_empty(device=torch.get_default_device() if device is None else device)
+        self.init_weights()
+
+    def _tie(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fill every parameter and buffer; draws from torch's global RNG in a fixed order.
+
+        Linear and embedding weights ~ N(0, init_std); the residual-stream outputs (wo, w2) use
+        init_std / sqrt(2 * n_layers) so the residual's variance stays bounded with depth; norm
+        gains are 1. Re-ties the head to the embedding (`to_empty` breaks the tie).
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        self._tie()
+        self.rope.init_tables()
+        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
+        for layer in self.layers:
+            layer.init_weights(std=std, out_std=out_std)
+        self.norm.init_weights()
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.head.weight, mean=0.0, std=std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (b, s) int64 -> logits (b, s, vocab_size) in the parameters' dtype."""
+        h = self.embed(tokens)  # (b, s, dim)
+        for layer in self.layers:
+            h = layer(h)  # (b, s, dim)
+        return self.head(self.norm(h))  # (b, s, vocab_size)
+
+
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over targets != ignore_index, computed in fp32.
+
+    logits (..., vocab) in any dtype are upcast first, because a bf16 log-softmax over a large
+    vocabulary loses the precision the loss is read at. targets (...) int64, already shifted.
+    """
+    vocab = logits.shape[-1]
+    return F.cross_entropy(
+        logits.float().reshape(-1, vocab),  # (n, vocab)
+        targets.reshape(-1),  # (n,)
+        ignore_index=ignore_index,
+    )

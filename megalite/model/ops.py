@@ -1,0 +1,110 @@
+"""The hot ops of the model, each routed to the fastest implementation this machine has.
+
+The model calls `attention` and `rms_norm` and never asks which kernel ran: on CUDA with
+half-precision tensors they use flash-attn / apex when importable, everywhere else the torch
+implementations below, which are the numerical reference. Optional packages are imported lazily and
+once (`functools.cache`), so importing the model never fails for lack of them and never logs;
+`describe_backends()` tells the trainer which path is active so that it can log it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def _optional(module: str) -> ModuleType | None:
+    """Import `module` once; None if it is not installed or fails to load (e.g. a CUDA mismatch)."""
+    try:
+        return importlib.import_module(module)
+    except (ImportError, OSError, RuntimeError):
+        return None
+
+
+def _flash_attn_func() -> Callable[..., torch.Tensor] | None:
+    flash_attn = _optional("flash_attn")
+    return None if flash_attn is None else getattr(flash_attn, "flash_attn_func", None)
+
+
+def _apex_rms_norm() -> Callable[..., torch.Tensor] | None:
+    fused = _optional("apex.normalization.fused_layer_norm")
+    return None if fused is None else getattr(fused, "fused_rms_norm_affine", None)
+
+
+def _use_flash(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype in _HALF and _flash_attn_func() is not None
+
+
+def _use_apex(device: torch.device) -> bool:
+    return device.type == "cuda" and _apex_rms_norm() is not None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention with scale 1/sqrt(head_dim), no dropout.
+
+    q is (b, n_heads, s, head_dim); k and v are (b, n_kv_heads, s, head_dim) with n_kv_heads
+    dividing n_heads (grouped-query attention). Query head i reads kv head i // (n_heads //
+    n_kv_heads), the grouping of Hugging Face's `repeat_kv`. flash-attn handles the groups
+    natively; the torch path expands k and v first. Returns (b, n_heads, s, head_dim).
+    """
+    n_heads, n_kv_heads = q.shape[1], k.shape[1]
+    if n_heads % n_kv_heads != 0:
+        raise ValueError(f"{n_heads} query heads cannot share {n_kv_heads} kv heads evenly")
+    flash = _flash_attn_func() if _use_flash(q.device, q.dtype) else None
+    if flash is not None:
+        # flash-attn wants (b, s, heads, head_dim)
+        out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out.transpose(1, 2)  # (b, n_heads, s, head_dim)
+    groups = n_heads // n_kv_heads
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)  # (b, n_heads, s, head_dim)
+        v = v.repeat_interleave(groups, dim=1)  # (b, n_heads, s, head_dim)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, n_heads, s, head_dim)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last dim, the exact fallback.
+
+    Normalised in fp32 and cast back to x's dtype before the weight multiplies it, the order of
+    Hugging Face's LlamaRMSNorm, so a converted checkpoint reproduces its outputs bit for bit.
+    """
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., dim)
+    return weight * normed.to(x.dtype)  # (..., dim)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: apex's fused kernel on CUDA if importable, else the reference."""
+    fused = _apex_rms_norm() if _use_apex(x.device) else None
+    if fused is not None:
+        return fused(x, weight, weight.shape, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def describe_backends(
+    *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> dict[str, str]:
+    """Which implementation each op uses for tensors on `device` in `dtype`.
+
+    Defaults: CUDA when available else CPU, and torch's default dtype; a trainer should pass the
+    device and compute dtype it runs with. Example: {"attention": "flash-attn 2.6.3",
+    "rms_norm": "apex fused"} or {"attention": "torch sdpa", "rms_norm": "torch"}.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if _use_flash(device, dtype):
+        flash_attn = _optional("flash_attn")
+        attn = f"flash-attn {getattr(flash_attn, '__version__', '(unknown version)')}"
+    else:
+        attn = "torch sdpa"
+    return {"attention": attn, "rms_norm": "apex fused" if _use_apex(device) else "torch"}

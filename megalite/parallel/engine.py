@@ -1,0 +1,82 @@
+"""The DeepSpeed engine, built from our config: ZeRO over the data-parallel group.
+
+Choices that matter for correctness:
+- a client `torch.optim.AdamW` (DeepSpeed's FusedAdam would compile for a minute on CPU), with no
+  weight decay on norms and biases;
+- `gradient_clipping` always set explicitly (DeepSpeed's default would silently clip at 1.0);
+- the LR schedule as a client `LambdaLR`, stepped by the engine at each optimizer step and saved
+  in its checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from megalite.config import Config
+from megalite.parallel.dims import DeepSpeedMPU, ParallelDims
+from megalite.train.schedule import build_scheduler
+
+
+def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (linear and embedding weights); never norms' gains or biases (ndim < 2)."""
+    decay, no_decay = [], []
+    for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
+    o = cfg.optim
+    return torch.optim.AdamW(
+        param_groups(model, weight_decay=o.weight_decay),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        foreach=False,
+    )
+
+
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    t, p = cfg.trainer, cfg.parallel
+    ds: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": float(cfg.optim.grad_clip),
+        "zero_optimization": {"stage": p.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+    if p.zero_stage == 3:
+        # Keep every parameter partitioned between uses; the small-model defaults are fine.
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    return ds
+
+
+def build_engine(model: nn.Module, cfg: Config, dims: ParallelDims) -> tuple[Any, Any]:
+    """Wrap `model` in a DeepSpeed engine; returns (engine, lr_scheduler)."""
+    import deepspeed
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=build_optimizer(model, cfg),
+        # A callable, so the schedule drives the optimizer DeepSpeed actually steps.
+        lr_scheduler=lambda opt: build_scheduler(
+            opt, optim=cfg.optim, max_steps=cfg.trainer.max_steps
+        ),
+        config=deepspeed_config(cfg),
+        mpu=DeepSpeedMPU(dims),
+        dist_init_required=False,
+    )
+    return engine, scheduler

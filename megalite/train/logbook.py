@@ -1,0 +1,88 @@
+"""Where metrics go: one readable console line per interval, `metrics.jsonl`, and wandb.
+
+Only the rank that owns the logbook (global rank 0) writes; the others get `Logbook(enabled=False)`
+so call sites need no rank checks. wandb is imported lazily and runs offline by default, into
+`<run_dir>/wandb/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("megalite")
+
+
+def format_line(record: dict[str, Any]) -> str:
+    """`step 120/300 | loss 4.1234 | lr 2.95e-04 | grad 0.812 | 18.2k tok/s | mfu 31.2% | mem 1.2GiB`"""
+    parts = [f"step {record['step']}/{record['max_steps']}", f"loss {record['loss']:.4f}"]
+    parts.append(f"lr {record['lr']:.3e}")
+    if record.get("grad_norm") is not None and math.isfinite(record["grad_norm"]):
+        parts.append(f"grad {record['grad_norm']:.3f}")
+    parts.append(f"{record['tokens_per_s'] / 1e3:.1f}k tok/s")
+    parts.append(f"mfu {100 * record['mfu']:.2f}%")
+    parts.append(f"mem {record['memory_gib']:.2f}GiB")
+    return " | ".join(parts)
+
+
+class Logbook:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        wandb_mode: str = "offline",
+        wandb_project: str = "megalite",
+        wandb_entity: str | None = None,
+        wandb_name: str | None = None,
+        config: dict[str, Any] | None = None,
+        resume_id: str | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self._metrics = None
+        self._wandb = None
+        if not enabled:
+            return
+        self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if wandb_mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(
+                mode=wandb_mode,
+                dir=str(run_dir),
+                project=wandb_project,
+                entity=wandb_entity,
+                name=wandb_name or run_dir.name,
+                config=config,
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+            log.info("wandb %s run in %s", wandb_mode, self._wandb.dir)
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self._wandb.id if self._wandb is not None else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append a record to metrics.jsonl and send its numbers to wandb."""
+        if not self.enabled:
+            return
+        self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._wandb is not None:
+            numbers = {
+                k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"
+            }
+            self._wandb.log(numbers, step=record["step"])
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

@@ -1,0 +1,250 @@
+"""The training loop: steps, evaluation, logging and checkpoints around a DeepSpeed engine.
+
+One `Trainer` per process. Every rank runs the same loop; collective calls (all-reduce of the loss,
+checkpoint save/load) happen at the same points on every rank, and only global rank 0 writes logs
+and metrics. The step is the optimizer step: each consumes `grad_accum_steps` micro-batches per
+data-parallel rank, i.e. `global_batch_size` sequences in all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megalite.checkpoint import store, training
+from megalite.config import Config
+from megalite.data.stream import TokenStream
+from megalite.model.flops import flops_per_token
+from megalite.model.llama import cross_entropy
+from megalite.parallel.dims import ParallelDims
+from megalite.train import metrics
+from megalite.train.logbook import Logbook, format_line
+
+log = logging.getLogger("megalite")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        engine: Any,
+        scheduler: Any,
+        dims: ParallelDims,
+        device: torch.device,
+        run_dir: Path,
+        logbook: Logbook,
+    ) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.scheduler = scheduler
+        self.dims = dims
+        self.device = device
+        self.run_dir = run_dir
+        self.ckpt_root = run_dir / "checkpoints"
+        self.logbook = logbook
+        t = cfg.trainer
+        self.data_path = Path(cfg.data.path)
+        self.train_stream = TokenStream(
+            self.data_path,
+            "train",
+            seq_len=t.seq_len,
+            micro_batch_size=t.micro_batch_size,
+            dp_rank=dims.dp_rank,
+            dp_size=dims.dp,
+            seed=t.seed,
+            shuffle=cfg.data.shuffle,
+        )
+        self._batches = iter(self.train_stream)
+        self.step = 0
+        self.consumed_tokens = 0
+        self.initial_val_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+        self.tokens_per_step = t.global_batch_size * t.seq_len
+        self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
+        self.peak_flops = metrics.peak_flops(
+            device, precision=t.precision, configured=t.peak_flops, cpu_peak=t.cpu_peak_flops
+        )
+        # fp32 without ZeRO: DeepSpeed clips but reports no norm, so megalite clips (see engine.py).
+        self.clip_here = cfg.parallel.zero_stage == 0 and t.precision == "fp32"
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def resume(self, ckpt: Path) -> None:
+        state = training.load(self.engine, ckpt, global_rank=self.dims.global_rank)
+        self.step = state["step"]
+        self.consumed_tokens = state["consumed_tokens"]
+        self.initial_val_loss = state.get("initial_val_loss")
+        self.train_stream.load_state_dict(state["data"])
+        self._batches = iter(self.train_stream)
+        self.last_checkpoint = ckpt
+        log.info("resumed from %s at step %d (%d tokens seen)", ckpt, self.step, self.consumed_tokens)
+
+    def save(self) -> Path:
+        rank_state = {
+            "step": self.step,
+            "consumed_tokens": self.consumed_tokens,
+            "initial_val_loss": self.initial_val_loss,
+            "data": self.train_stream.state_dict(),
+        }
+        p = self.cfg.parallel
+        meta = {
+            "consumed_tokens": self.consumed_tokens,
+            "model": asdict(self.cfg.model),
+            "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp},
+            "zero_stage": p.zero_stage,
+            "precision": self.cfg.trainer.precision,
+            "data_path": str(self.data_path),
+            "wandb_run_id": self.logbook.wandb_run_id,
+            "config": asdict(self.cfg),
+        }
+        self.last_checkpoint = training.save(
+            self.engine,
+            root=self.ckpt_root,
+            step=self.step,
+            global_rank=self.dims.global_rank,
+            rank_state=rank_state,
+            meta=meta,
+        )
+        log.info("checkpoint step %d committed: %s", self.step, self.last_checkpoint)
+        return self.last_checkpoint
+
+    # ---- steps ----------------------------------------------------------------------------
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        value = value.detach().to(torch.float64)
+        dist.all_reduce(value, group=self.dims.group("dp"))
+        return value.item() / self.dims.dp
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `grad_accum_steps` micro-batches; returns loss, lr, grad norm."""
+        accum = self.cfg.grad_accum_steps
+        lr = self.scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), device=self.device)
+        grad_norm = None
+        for micro in range(accum):
+            batch = next(self._batches).to(self.device, non_blocking=True)  # (b, s + 1)
+            inputs, targets = batch[:, :-1], batch[:, 1:]  # (b, s), (b, s)
+            loss = cross_entropy(self.engine(inputs), targets)
+            self.engine.backward(loss)
+            if micro == accum - 1 and self.clip_here:
+                grad_norm = self._clip_gradients()
+            self.engine.step()
+            loss_sum += loss.detach().float()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        self.step += 1
+        self.consumed_tokens += self.tokens_per_step
+        loss_value = self._dp_mean(loss_sum / accum)
+        if not math.isfinite(loss_value):
+            where = self.last_checkpoint or "none (no checkpoint was saved yet)"
+            raise TrainingError(
+                f"non-finite loss ({loss_value}) at step {self.step}; "
+                f"last good checkpoint: {where}"
+            )
+        norm = float(grad_norm) if grad_norm is not None else float("nan")
+        return {"loss": loss_value, "lr": lr, "grad_norm": norm}
+
+    def _clip_gradients(self) -> float:
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        return float(clip_grad_norm_(params, max_norm, mpu=self.engine.mpu))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the first `eval_steps` micro-batches of each rank's val stream."""
+        t = self.cfg.trainer
+        stream = TokenStream(
+            self.data_path,
+            "val",
+            seq_len=t.seq_len,
+            micro_batch_size=t.micro_batch_size,
+            dp_rank=self.dims.dp_rank,
+            dp_size=self.dims.dp,
+            seed=t.seed,
+            shuffle=False,
+        )
+        self.engine.eval()
+        total = torch.zeros((), device=self.device)
+        for _, batch in zip(range(t.eval_steps), stream, strict=False):
+            batch = batch.to(self.device)
+            total += cross_entropy(self.engine(batch[:, :-1]), batch[:, 1:]).float()
+        self.engine.train()
+        return self._dp_mean(total / t.eval_steps)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _log_eval(self, val_loss: float) -> None:
+        ppl = math.exp(min(val_loss, 50.0))
+        log.info("step %d | val_loss %.4f | val_ppl %.2f", self.step, val_loss, ppl)
+        self.logbook.write(
+            {"step": self.step, "val_loss": val_loss, "val_ppl": ppl, "tokens": self.consumed_tokens}
+        )
+
+    def fit(self) -> dict[str, float]:
+        """Train to `trainer.max_steps`; returns the final validation loss and perplexity."""
+        t = self.cfg.trainer
+        if self.step == 0:
+            self.initial_val_loss = self.evaluate()
+            self._log_eval(self.initial_val_loss)
+        window: list[dict[str, float]] = []
+        window_start = time.perf_counter()
+        last = min(t.max_steps, t.stop_at_step or t.max_steps)
+        while self.step < last:
+            window.append(self.train_step())
+            if t.log_interval and (self.step % t.log_interval == 0 or self.step == last):
+                self._log_train(window, time.perf_counter() - window_start)
+                window, window_start = [], time.perf_counter()
+            if t.eval_interval and self.step % t.eval_interval == 0 and self.step < last:
+                self._log_eval(self.evaluate())
+            if t.save_interval and self.step % t.save_interval == 0:
+                self.save()
+        val_loss = self.evaluate()
+        self._log_eval(val_loss)
+        if self.last_checkpoint is None or self.last_checkpoint.name != store.step_name(self.step):
+            self.save()
+        result = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        if self.initial_val_loss is not None:
+            log.info(
+                "final validation loss %.4f (perplexity %.2f); untrained %.4f (perplexity %.2f)",
+                val_loss,
+                result["val_ppl"],
+                self.initial_val_loss,
+                math.exp(min(self.initial_val_loss, 50.0)),
+            )
+        return result
+
+    def _log_train(self, window: list[dict[str, float]], seconds: float) -> None:
+        tokens_per_s = len(window) * self.tokens_per_step / max(seconds, 1e-9)
+        record = {
+            "step": self.step,
+            "max_steps": self.cfg.trainer.max_steps,
+            "loss": sum(w["loss"] for w in window) / len(window),
+            "lr": window[-1]["lr"],
+            "grad_norm": window[-1]["grad_norm"],
+            "tokens_per_s": tokens_per_s,
+            "mfu": metrics.mfu(
+                tokens_per_s=tokens_per_s,
+                flops_per_token=self.flops_per_token,
+                peak=self.peak_flops,
+                n_devices=self.dims.world_size,
+            ),
+            "memory_gib": metrics.memory_gib(self.device),
+            "tokens": self.consumed_tokens,
+            "epoch": self.train_stream.epoch,
+        }
+        log.info(format_line(record))
+        self.logbook.write(record)

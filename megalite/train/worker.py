@@ -1,0 +1,128 @@
+"""What every training process runs: join the job, build model and engine, resume, train.
+
+The order is the one readable sequence of the design: ParallelDims → plain model → (parallelism
+applied in megalite/parallel) → DeepSpeed engine → data stream → loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megalite.checkpoint import store
+from megalite.cluster.env import DistEnv, from_environ, init_distributed, pick_device
+from megalite.config import Config
+from megalite.model import ops
+from megalite.model.llama import Llama
+from megalite.parallel.dims import ParallelDims
+from megalite.parallel.engine import build_engine
+from megalite.train.logbook import Logbook
+from megalite.train.trainer import Trainer
+
+log = logging.getLogger("megalite")
+
+
+def setup_logging(run_dir: Path, *, global_rank: int, level: str = "INFO") -> None:
+    """Rank 0 logs to the console; every rank logs to `logs/rank_XXXXX.log`."""
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank {global_rank}] %(message)s", "%H:%M:%S")
+    root = logging.getLogger("megalite")
+    root.handlers.clear()
+    root.setLevel(level)
+    root.propagate = False
+    file_handler = logging.FileHandler(logs / f"rank_{global_rank:05d}.log")
+    file_handler.setFormatter(fmt)
+    root.addHandler(file_handler)
+    if global_rank == 0:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(fmt)
+        root.addHandler(console)
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def quiet_known_warnings() -> None:
+    """torch 2.13 deprecates a collective DeepSpeed still calls; the warning says nothing to users."""
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_worker(cfg: Config, run_dir: str, resume_from: str | None = None) -> dict[str, float]:
+    """Train in this process as one rank of the job described by the environment."""
+    env: DistEnv | None = from_environ()
+    if env is None:
+        raise RuntimeError("run_worker needs RANK/WORLD_SIZE (torchrun) or SLURM_PROCID (srun)")
+    run_path = Path(run_dir)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    setup_logging(run_path, global_rank=env.global_rank, level=cfg.logging.level)
+    quiet_known_warnings()
+    device = pick_device(cfg.trainer.device, local_rank=env.local_rank)
+    init_distributed(env, device=device)
+    try:
+        return _train(cfg, env, device, run_path, resume_from)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(
+    cfg: Config, env: DistEnv, device: torch.device, run_dir: Path, resume_from: str | None
+) -> dict[str, float]:
+    p = cfg.parallel
+    dims = ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, global_rank=env.global_rank)
+    dims.build_groups()
+    log.info(
+        "world %d = tp %d x pp %d x dp %d | ZeRO %d | %s | device %s | ops %s",
+        dims.world_size,
+        p.tp,
+        p.pp,
+        p.dp,
+        p.zero_stage,
+        cfg.trainer.precision,
+        device,
+        ops.describe_backends(),
+    )
+    seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
+    model = Llama(cfg.model).to(device)
+    engine, scheduler = build_engine(model, cfg, dims)
+    ckpt = Path(resume_from) if resume_from else None
+    meta = store.read_meta(ckpt) if ckpt else {}
+    logbook = Logbook(
+        run_dir,
+        enabled=env.global_rank == 0,
+        wandb_mode=cfg.logging.wandb.mode,
+        wandb_project=cfg.logging.wandb.project,
+        wandb_entity=cfg.logging.wandb.entity,
+        wandb_name=cfg.logging.wandb.name,
+        config=asdict(cfg),
+        resume_id=meta.get("wandb_run_id"),
+    )
+    try:
+        trainer = Trainer(
+            cfg,
+            engine=engine,
+            scheduler=scheduler,
+            dims=dims,
+            device=device,
+            run_dir=run_dir,
+            logbook=logbook,
+        )
+        if ckpt is not None:
+            trainer.resume(ckpt)
+        return trainer.fit()
+    finally:
+        logbook.close()

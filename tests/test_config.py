@@ -1,0 +1,104 @@
+"""Every config composes; every bad input fails before a process starts, with one clear line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megalite.checkpoint.store import CheckpointError
+from megalite.cluster.launch import prepare_run
+from megalite.config import ConfigError
+from megalite.data.manifest import DataError
+from tests.helpers import CONF, ROOT, compose_config
+
+GROUPS = ["model", "data", "parallel", "optim", "trainer", "logging"]
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))],
+)
+def test_every_config_composes(group: str, option: str) -> None:
+    cfg = compose_config([f"{group}={option}"])
+    assert cfg.model.dim > 0 and cfg.trainer.max_steps > 0
+
+
+def test_typo_fails_at_composition() -> None:
+    with pytest.raises(Exception, match="max_stepz"):
+        compose_config(["+trainer.max_stepz=3"])
+    with pytest.raises(Exception, match="max_steps"):
+        compose_config(["trainer.max_steps=abc"])
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.n_heads=3"], "not divisible by model.n_heads=3"),
+        (["parallel.tp=3"], "model.n_heads=4 is not divisible by parallel.tp=3"),
+        (
+            ["model.dim=192", "model.n_heads=12", "model.n_kv_heads=4", "parallel.tp=6"],
+            "model.n_kv_heads=4 and parallel.tp=6 must divide one another",
+        ),
+        (["parallel.zero_stage=4"], "is not a ZeRO stage"),
+        (
+            ["parallel.dp=3", "trainer.global_batch_size=8", "trainer.micro_batch_size=2"],
+            "not divisible by micro_batch_size x dp = 2 x 3 = 6",
+        ),
+        (["parallel.pp=2", "parallel.zero_stage=2"], "cannot run with pipeline parallelism"),
+        (["trainer.precision=fp16"], "use fp32 or bf16"),
+        (["data.path=/nonexistent/megalite"], "does not exist"),
+        (["optim.min_lr=1.0"], "optim.min_lr"),
+    ],
+)
+def test_bad_config_is_refused(overrides: list[str], message: str, tmp_path: Path) -> None:
+    cfg = compose_config(overrides)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        prepare_run(cfg, run_dir=tmp_path, world_size=None)
+    assert "\n" not in str(e.value)
+
+
+def test_world_size_mismatch(tmp_path: Path) -> None:
+    cfg = compose_config(["parallel.dp=2", "trainer.global_batch_size=16"])
+    with pytest.raises(ConfigError, match=r"world size 3 != tp x pp x dp = 1 x 1 x 2 = 2"):
+        prepare_run(cfg, run_dir=tmp_path, world_size=3)
+
+
+def test_folder_without_shards(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    cfg = compose_config([f"data.path={tmp_path / 'empty'}"])
+    with pytest.raises(DataError, match="prepare_data"):
+        prepare_run(cfg, run_dir=tmp_path / "run", world_size=None)
+
+
+def test_tokenizer_larger_than_model(sample_data: Path, tmp_path: Path) -> None:
+    cfg = compose_config([f"data.path={sample_data}", "model.vocab_size=256"])
+    with pytest.raises(ConfigError, match="tokens but model.vocab_size=256"):
+        prepare_run(cfg, run_dir=tmp_path, world_size=None)
+
+
+def test_resume_pointing_at_nothing(tmp_path: Path) -> None:
+    cfg = compose_config([f"trainer.resume={tmp_path / 'nothing'}"])
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        prepare_run(cfg, run_dir=tmp_path, world_size=None)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
+    """Through the real entry point, as a user types it, under a torchrun-like environment."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}
+    out = subprocess.run(
+        [sys.executable, "launch/pretrain.py", "parallel.dp=2", f"trainer.run_dir={tmp_path}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: world size 3 != tp x pp x dp = 1 x 1 x 2 = 2: set parallel.dp=3 "
+        "or start that many processes"
+    ]

@@ -1,0 +1,67 @@
+"""Exact resume: N steps, stop, resume, N more equals 2N uninterrupted, bit for bit (fp32, dp=2,
+ZeRO 2), and a checkpoint folder on disk holds what the design says it holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megalite.checkpoint import store
+from megalite.cluster.launch import launch
+from tests.helpers import compose_config, read_metrics, train_losses
+
+N = 4
+
+
+def run(data: Path, run_dir: Path, *extra: str) -> None:
+    cfg = compose_config(
+        [
+            "model=tiny",
+            f"data.path={data}",
+            "parallel.dp=2",
+            "parallel.zero_stage=2",
+            f"trainer.max_steps={2 * N}",
+            "trainer.seq_len=32",
+            "trainer.micro_batch_size=2",
+            "trainer.global_batch_size=8",
+            "trainer.log_interval=1",
+            "trainer.eval_interval=0",
+            "trainer.eval_steps=2",
+            "trainer.save_interval=0",
+            "optim.warmup_steps=2",
+            "optim.lr=3e-3",
+            f"trainer.run_dir={run_dir}",
+            "logging.wandb.mode=disabled",
+            *extra,
+        ]
+    )
+    launch(cfg, default_run_dir=run_dir)
+
+
+def test_resume_is_bit_identical(sample_data: Path, tmp_path: Path) -> None:
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(sample_data, straight)
+    run(sample_data, split, f"trainer.stop_at_step={N}")
+    ckpt = store.latest(split / "checkpoints")
+    assert ckpt is not None and ckpt.name == store.step_name(N)
+    run(sample_data, split, "trainer.resume=auto")
+
+    want, got = train_losses(straight), train_losses(split)
+    assert sorted(got) == list(range(1, 2 * N + 1))
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]  # bit-identical
+    final_val = [r["val_loss"] for r in read_metrics(straight) if "val_loss" in r][-1]
+    assert [r["val_loss"] for r in read_metrics(split) if "val_loss" in r][-1] == final_val
+
+
+def test_checkpoint_contents(sample_data: Path, tmp_path: Path) -> None:
+    run(sample_data, tmp_path, f"trainer.stop_at_step={N}")
+    ckpt = store.latest(tmp_path / "checkpoints")
+    meta = json.loads((ckpt / store.META).read_text())
+    assert meta["step"] == N
+    assert meta["consumed_tokens"] == N * 8 * 32
+    assert meta["layout"] == {"tp": 1, "pp": 1, "dp": 2}
+    assert meta["model"]["dim"] > 0 and meta["config"]["parallel"]["zero_stage"] == 2
+    assert {"rank_00000.pt", "rank_00001.pt"} <= set(meta["files"])
+    assert any("optim_states" in f for f in meta["files"])
+    assert not list((tmp_path / "checkpoints").glob(store.TMP_PREFIX + "*"))
+    assert (tmp_path / "config.yaml").is_file()

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Set up megalite's environment and run the demo or the tests: the README's two commands.
+
+    python3 tools/dev.py demo   # create .venv, then train model=tiny on the bundled sample
+    python3 tools/dev.py test   # create .venv, then lint and run the whole test suite
+
+Only the standard library is used here, so it runs on a fresh machine with nothing but Python 3.11
+and pip. torch is installed first and pinned, so nothing later resolves a (multi-GB CUDA) build on
+its own; DeepSpeed is installed without build isolation for the same reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("MEGALITE_VENV", ROOT / ".venv"))
+TORCH = "torch==2.13.0"
+DEEPSPEED = "deepspeed==0.19.8"
+PINNED = [
+    "webdataset==1.0.2",
+    "hydra-core==1.3.8",
+    "omegaconf==2.3.1",
+    "wandb==0.31.0",
+    "tokenizers==0.23.3",
+    "tqdm==4.70.1",
+    "pytest==9.2.0",
+    "ruff==0.17.6",
+]
+DEMO = [
+    "launch/pretrain.py",
+    "model=tiny",
+    "data=shakespeare",
+    "parallel.dp=2",
+    "parallel.zero_stage=2",
+    "trainer.max_steps=300",
+    "trainer.global_batch_size=16",
+    "trainer.micro_batch_size=8",
+    "trainer.seq_len=128",
+    "trainer.log_interval=20",
+    "trainer.eval_interval=100",
+    "trainer.save_interval=100",
+    "optim.lr=3e-3",
+    "optim.min_lr=3e-4",
+    "optim.warmup_steps=30",
+    "trainer.run_dir=runs/demo",
+]
+
+
+def python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def run(*cmd: str | Path, env: dict[str, str] | None = None) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, env=env)
+
+
+def setup() -> None:
+    """Create or update the virtualenv; a stamp of the pins skips work when nothing changed."""
+    stamp = VENV / ".megalite-stamp"
+    want = hashlib.sha256(
+        "\n".join([TORCH, DEEPSPEED, *PINNED, (ROOT / "pyproject.toml").read_text()]).encode()
+    ).hexdigest()
+    if stamp.is_file() and stamp.read_text() == want:
+        return
+    if not python().exists():
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    pip = [python(), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    run(*pip, TORCH)
+    run(*pip, "--no-build-isolation", DEEPSPEED, env={**os.environ, "DS_BUILD_OPS": "0"})
+    run(*pip, *PINNED)
+    run(*pip, "--no-build-isolation", "--no-deps", "-e", ".")
+    stamp.write_text(want)
+
+
+def demo(extra: list[str]) -> None:
+    run(python(), *DEMO, *extra)
+
+
+def test(extra: list[str]) -> None:
+    run(python(), "-m", "ruff", "check", ".")
+    run(python(), "-m", "ruff", "format", "--check", ".")
+    run(python(), "-m", "pytest", "-q", *extra)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["setup", "demo", "test"])
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="passed on (overrides / pytest)")
+    args = parser.parse_args()
+    setup()
+    try:
+        {"setup": lambda extra: None, "demo": demo, "test": test}[args.what](args.extra)
+    except subprocess.CalledProcessError as e:
+        sys.exit(e.returncode)
+
+
+if __name__ == "__main__":
+    main()
