@@ -29,6 +29,8 @@ def test_every_config_composes(group: str, option: str) -> None:
 
 def test_typo_fails_at_composition() -> None:
     with pytest.raises(Exception, match="max_stepz"):
+        compose_config(["trainer.max_stepz=3"])
+    with pytest.raises(ConfigError, match="unknown config key.*trainer.max_stepz"):
         compose_config(["+trainer.max_stepz=3"])
     with pytest.raises(Exception, match="max_steps"):
         compose_config(["trainer.max_steps=abc"])
@@ -90,7 +92,13 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     """Through the real entry point, as a user types it, under a torchrun-like environment."""
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}
     out = subprocess.run(
-        [sys.executable, "launch/pretrain.py", "parallel.dp=2", f"trainer.run_dir={tmp_path}"],
+        [
+            sys.executable,
+            "launch/pretrain.py",
+            "parallel.dp=2",
+            "trainer.global_batch_size=16",
+            f"trainer.run_dir={tmp_path}",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -8,6 +8,7 @@ tokenizer vs model vocabulary → resume target checked against model shape and 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 
@@ -34,10 +35,28 @@ def compose_config(overrides: list[str] | None = None) -> Config:
         return to_config(compose("pretrain", overrides=list(overrides or [])))
 
 
+def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
+    """Keys a `+key=value` override added that the schema does not know (Hydra lets them in)."""
+    known = {f.name: f.type for f in dataclasses.fields(schema)}
+    out = []
+    for key in node.keys():
+        sub = OmegaConf.select(node, str(key), throw_on_missing=False)
+        if key not in known:
+            out.append(prefix + str(key))
+        elif isinstance(sub, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(sub)):
+            out += _unknown_keys(sub, OmegaConf.get_type(sub), f"{prefix}{key}.")
+    return out
+
+
 def to_config(dcfg: DictConfig | Config) -> Config:
+    """The typed Config of a composed one; a key no schema knows is refused, not dropped."""
     if isinstance(dcfg, Config):
         return dcfg
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), dcfg))
+    merged = OmegaConf.merge(OmegaConf.structured(Config), dcfg)
+    unknown = _unknown_keys(merged, Config)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}: check the spelling")
+    return OmegaConf.to_object(merged)
 
 
 def resolve_data(cfg: Config) -> Path:

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the tool; returns the exit code (0 ok, 2 bad arguments or input)."""
+    """Run the tool; returns the exit code (0 ok, 2 bad arguments or input, 1 cannot write)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -100,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the output side: permissions, a full disk
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     print(summary(manifest))
     return 0
 

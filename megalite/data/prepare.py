@@ -46,6 +46,26 @@ _SUFFIXES = (".txt", ".jsonl")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls but \t and \n
 
 
+@dataclass(frozen=True)
+class Document:
+    text: str  # normalised, not empty
+    digest: bytes  # 16-byte hash of the text: the identity used for deduplication and splitting
+
+
+@dataclass
+class PrepareStats:
+    """What the reading pass saw; `manifest.json` keeps it under "stats"."""
+
+    input_files: int = 0
+    documents_read: int = 0
+    empty_dropped: int = 0
+    duplicates_dropped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        kept = self.documents_read - self.empty_dropped - self.duplicates_dropped
+        return {**asdict(self), "documents_kept": kept}
+
+
 def prepare(
     inputs: Sequence[str | Path],
     output: str | Path,
@@ -63,8 +83,9 @@ def prepare(
 ) -> Manifest:
     """Prepare `inputs` (files, folders, globs of .txt/.jsonl) into the folder `output`.
 
-    Raises `DataError` for bad input: missing paths, no documents, a jsonl line without
-    `text_field`, a tokenizer file that is missing or lacks `eod_token`.
+    `val_fraction=0` (or a single document) gives a train split only. Raises `DataError` for bad
+    input: missing paths, no documents, a jsonl line without `text_field`, a tokenizer file that
+    is missing or lacks `eod_token`.
     """
     _check_options(vocab_size, val_fraction, shard_tokens, sample_tokens, txt_document)
     files = find_inputs(inputs)
@@ -87,7 +108,7 @@ def prepare(
     if eod_id is None:
         raise DataError(f"tokenizer has no end-of-document token {eod_token!r} (see --eod-token)")
     tok.encode_special_tokens = True  # a literal "<|endoftext|>" in the text is text, not EOD
-    vocab = tok.get_vocab_size(with_added_tokens=True)
+    vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids may have gaps
     dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
 
     _clear_output(out)
@@ -161,24 +182,6 @@ def train_tokenizer(texts: Iterator[Document], *, vocab_size: int, eod_token: st
     batches = ([d.text for d in batch] for batch in _batched(texts, _ENCODE_BATCH))
     tok.train_from_iterator(batches, trainer=trainer)
     return tok
-
-
-@dataclass(frozen=True)
-class Document:
-    text: str  # normalised, not empty
-    digest: bytes  # 16-byte hash of the text: the identity used for deduplication and splitting
-
-
-@dataclass
-class PrepareStats:
-    input_files: int = 0
-    documents_read: int = 0
-    empty_dropped: int = 0
-    duplicates_dropped: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        kept = self.documents_read - self.empty_dropped - self.duplicates_dropped
-        return {**asdict(self), "documents_kept": kept}
 
 
 def normalize(text: str) -> str:
@@ -266,7 +269,9 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict) or field not in record:
-                raise DataError(f"{path}:{line_no}: no {field!r} field (choose one: --text-field)")
+                raise DataError(
+                    f"{path}:{line_no}: no {field!r} field (pick the field with --text-field)"
+                )
             text = record[field]
             if not isinstance(text, str):
                 kind = type(text).__name__
@@ -299,6 +304,8 @@ def _check_options(
 
 def _clear_output(out: Path) -> None:
     """Make `out` an unfinished preparation: drop the manifest first, then our stale shards."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     for split_dir in (out / "train", out / "val"):

@@ -46,6 +46,7 @@ def prepare_sample(cache_dir: str | Path, *, vocab_size: int = 4096) -> Path:
         return final
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         log.info("preparing the bundled tinyshakespeare into %s", final)
         prepare([SAMPLE_TEXT], tmp, **options)

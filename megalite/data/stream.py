@@ -91,7 +91,7 @@ class TokenStream:
             have += len(tokens) - skip
             skip = 0
             while have >= need:
-                flat = np.concatenate(pieces)  # (have,)
+                flat = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)  # (have,)
                 rest = flat[need:]  # a suffix of `tokens`: fewer than `need` came before it
                 pieces, have = [rest], len(rest)
                 self._epoch, self._sample, self._offset = epoch, index, len(tokens) - len(rest)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from datagen import SAMPLE_TOKENS, SHARD_TOKENS, make_texts, write_txt
 
 from megalite.data.prepare import prepare
+from tests.data.datagen import SAMPLE_TOKENS, SHARD_TOKENS, make_texts, write_txt
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datagen import SAMPLE_TOKENS, SHARD_TOKENS, make_texts, write_txt
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from megalite.data.cli import main
 from megalite.data.manifest import DataError, load_manifest, read_shard
 from megalite.data.prepare import normalize, prepare
+from tests.data.datagen import SAMPLE_TOKENS, SHARD_TOKENS, make_texts, write_txt
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -188,9 +188,9 @@ def test_val_split_is_never_empty_and_can_be_disabled(tmp_path: Path) -> None:
 
 
 def test_preparing_again_removes_stale_shards(tmp_path: Path, corpus: Path) -> None:
-    prepare([corpus], tmp_path, vocab_size=300, sample_tokens=16, shard_tokens=32)
+    prepare([corpus], tmp_path, vocab_size=300, sample_tokens=64, shard_tokens=640)
     many = len(list((tmp_path / "train").glob("*.tar")))
-    m = prepare([corpus], tmp_path, vocab_size=300, sample_tokens=16, shard_tokens=10**6)
+    m = prepare([corpus], tmp_path, vocab_size=300, sample_tokens=64, shard_tokens=10**6)
     assert len(list((tmp_path / "train").glob("*.tar"))) == len(m.split("train").shards) == 1 < many
 
 
