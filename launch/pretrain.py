@@ -5,6 +5,7 @@ then megalite.cluster.launch validates and starts the workers. A bad config exit
 one line naming the fix; a failed run exits with status 1 and the failing rank's error.
 """
 
+# ruff: noqa: E402  (sys.path is set before the megalite imports)
 from __future__ import annotations
 
 import sys
@@ -12,13 +13,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
-from megalite.cli_errors import exit_on_error  # noqa: E402
-from megalite.cluster.launch import launch, to_config  # noqa: E402
-from megalite.config import register_configs  # noqa: E402
+from megalite.cli_errors import exit_on_error
+from megalite.cluster.launch import launch, to_config
+from megalite.config import register_configs
 
 register_configs()
 

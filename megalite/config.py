@@ -1,7 +1,7 @@
 """Typed configuration: dataclass schemas registered in Hydra's ConfigStore, and their validation.
 
-Every config group under `conf/` is backed by one dataclass here, so a misspelt key or a value of the
-wrong type fails when Hydra composes the config, not mid-run. `validate()` checks what a schema
+Every config group under `conf/` is backed by one dataclass here, so a misspelt key or a value of
+the wrong type fails when Hydra composes the config, not mid-run. `validate()` checks what a schema
 cannot (divisibility, ranges, paths) and raises `ConfigError` whose message is one line naming the
 fix; the launcher calls it before any process starts.
 """
@@ -131,7 +131,7 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schemas so `conf/*.yaml` are checked against them (`defaults: [_self_, ...]`)."""
+    """Register the schemas so `conf/*.yaml` are checked against them (`pretrain_schema`)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
@@ -258,4 +258,6 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
         )
     if cfg.data.path is not None:
         path = Path(cfg.data.path).expanduser()
-        _require(path.exists(), f"data.path={cfg.data.path} does not exist: run tools/prepare_data.py")
+        _require(
+            path.exists(), f"data.path={cfg.data.path} does not exist: run tools/prepare_data.py"
+        )

@@ -135,7 +135,9 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
-def check_compatible(meta: dict[str, Any], *, model: dict[str, Any], layout: dict[str, int]) -> None:
+def check_compatible(
+    meta: dict[str, Any], *, model: dict[str, Any], layout: dict[str, int]
+) -> None:
     """Refuse a checkpoint of another model shape or parallel layout, naming the difference."""
     saved_model = meta["model"]
     diffs = [

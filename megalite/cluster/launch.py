@@ -22,7 +22,6 @@ from megalite.data.manifest import load_manifest
 from megalite.data.sample import prepare_sample
 from megalite.train.worker import run_worker
 
-
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
@@ -64,7 +63,9 @@ def resolve_data(cfg: Config) -> Path:
     if cfg.data.path is not None:
         return Path(cfg.data.path).expanduser().resolve()
     if cfg.data.name != "shakespeare":
-        raise ConfigError(f"data={cfg.data.name} needs data.path=DIR (a tools/prepare_data.py output)")
+        raise ConfigError(
+            f"data={cfg.data.name} needs data.path=DIR (a tools/prepare_data.py output)"
+        )
     return prepare_sample(Path(cfg.data.cache_dir).expanduser(), vocab_size=cfg.data.vocab_size)
 
 

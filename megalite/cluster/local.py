@@ -22,7 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(local_rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
+def _child(
+    local_rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple
+) -> None:
     os.environ.update(
         RANK=str(local_rank),
         WORLD_SIZE=str(world_size),

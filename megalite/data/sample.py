@@ -33,7 +33,13 @@ def prepare_sample(cache_dir: str | Path, *, vocab_size: int = 4096) -> Path:
     Later calls return at once. Safe to call from several processes at the same time.
     """
     cache = Path(cache_dir).expanduser()
-    options = {"vocab_size": vocab_size, "val_fraction": SAMPLE_VAL_FRACTION, "seed": 0}
+    options = {
+        "vocab_size": vocab_size,
+        "val_fraction": SAMPLE_VAL_FRACTION,
+        "sample_tokens": 2048,
+        "shard_tokens": 2**24,
+        "seed": 0,
+    }
     versions = {
         "prepare": PREPARE_VERSION,
         "format": FORMAT_VERSION,

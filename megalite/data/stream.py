@@ -66,7 +66,8 @@ class TokenStream:
                 f"dp_size={dp_size}: prepare it with smaller --sample-tokens (or more data)"
             )
         self.split, self.seq_len, self.micro_batch_size = split, seq_len, micro_batch_size
-        self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed, self.shuffle = int(seed), bool(shuffle)  # plain types: they key the order
         self._start, self._stop = _rank_range(n, dp_rank, dp_size)
         self._data_id = hashlib.sha256(manifest_bytes(self._manifest)).hexdigest()[:16]
         self._epoch, self._sample, self._offset = 0, 0, 0  # position of the next token

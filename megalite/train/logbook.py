@@ -17,7 +17,8 @@ log = logging.getLogger("megalite")
 
 
 def format_line(record: dict[str, Any]) -> str:
-    """`step 120/300 | loss 4.1234 | lr 2.95e-04 | grad 0.812 | 18.2k tok/s | mfu 31.2% | mem 1.2GiB`"""
+    """E.g. `step 120/300 | loss 4.1234 | lr 2.950e-04 | grad 0.812 | 18.2k tok/s | mfu 31.20% |
+    mem 1.20GiB`."""
     parts = [f"step {record['step']}/{record['max_steps']}", f"loss {record['loss']:.4f}"]
     parts.append(f"lr {record['lr']:.3e}")
     if record.get("grad_norm") is not None and math.isfinite(record["grad_norm"]):

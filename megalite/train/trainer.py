@@ -31,7 +31,7 @@ log = logging.getLogger("megalite")
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message names the last good checkpoint."""
+    """Training cannot go on (a non-finite loss); the message names the last good checkpoint."""
 
 
 class Trainer:
@@ -89,7 +89,9 @@ class Trainer:
         self.train_stream.load_state_dict(state["data"])
         self._batches = iter(self.train_stream)
         self.last_checkpoint = ckpt
-        log.info("resumed from %s at step %d (%d tokens seen)", ckpt, self.step, self.consumed_tokens)
+        log.info(
+            "resumed from %s at step %d (%d tokens seen)", ckpt, self.step, self.consumed_tokens
+        )
 
     def save(self) -> Path:
         rank_state = {
@@ -150,8 +152,7 @@ class Trainer:
         if not math.isfinite(loss_value):
             where = self.last_checkpoint or "none (no checkpoint was saved yet)"
             raise TrainingError(
-                f"non-finite loss ({loss_value}) at step {self.step}; "
-                f"last good checkpoint: {where}"
+                f"non-finite loss ({loss_value}) at step {self.step}; last good checkpoint: {where}"
             )
         norm = float(grad_norm) if grad_norm is not None else float("nan")
         return {"loss": loss_value, "lr": lr, "grad_norm": norm}
@@ -191,7 +192,12 @@ class Trainer:
         ppl = math.exp(min(val_loss, 50.0))
         log.info("step %d | val_loss %.4f | val_ppl %.2f", self.step, val_loss, ppl)
         self.logbook.write(
-            {"step": self.step, "val_loss": val_loss, "val_ppl": ppl, "tokens": self.consumed_tokens}
+            {
+                "step": self.step,
+                "val_loss": val_loss,
+                "val_ppl": ppl,
+                "tokens": self.consumed_tokens,
+            }
         )
 
     def fit(self) -> dict[str, float]:

@@ -52,7 +52,7 @@ def setup_logging(run_dir: Path, *, global_rank: int, level: str = "INFO") -> No
 
 
 def quiet_known_warnings() -> None:
-    """torch 2.13 deprecates a collective DeepSpeed still calls; the warning says nothing to users."""
+    """torch 2.13 deprecates a collective DeepSpeed still calls; the warning means nothing to us."""
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import webdataset as wds
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from megalite.data.cli import main
@@ -251,3 +252,16 @@ def test_tool_runs_from_the_repo_root(tmp_path: Path, corpus: Path, small_data: 
     assert load_manifest(out).samples("train") > 0
     tokenizer = (out / "tokenizer.json").read_bytes()
     assert tokenizer == (small_data / "tokenizer.json").read_bytes()
+
+
+def test_shards_are_webdataset_readable(small_data: Path) -> None:
+    m = load_manifest(small_data)
+    url = str(m.shards("val")[0])
+    got = [
+        (s["__key__"], s["tokens.npy"]) for s in wds.WebDataset(url, shardshuffle=False).decode()
+    ]
+    assert [k for k, _ in got] == [f"{i:09d}" for i in range(m.shard_samples("val")[0])]
+    assert all(
+        np.array_equal(a, b)
+        for (_, a), b in zip(got, split_tokens(small_data, "val"), strict=False)
+    )

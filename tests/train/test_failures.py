@@ -67,7 +67,9 @@ def test_corrupt_shard_names_the_shard(sample_data: Path, tmp_path: Path) -> Non
     shutil.copytree(sample_data, data)
     shard = sorted((data / "train").glob("*.tar"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # truncated
-    out = pretrain(f"data.path={data}", f"trainer.run_dir={tmp_path / 'run'}", "trainer.max_steps=50")
+    out = pretrain(
+        f"data.path={data}", f"trainer.run_dir={tmp_path / 'run'}", "trainer.max_steps=50"
+    )
     assert out.returncode == 1, out.stdout + out.stderr
     assert shard.name in out.stderr.strip().splitlines()[-1]
 

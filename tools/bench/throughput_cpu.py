@@ -10,6 +10,7 @@ and gradient clipping, in one process. megalite's step goes through everything a
 the plain loop is forward, backward, clip, step. The blocks alternate and the median is reported.
 """
 
+# ruff: noqa: E402  (sys.path is set before the megalite imports)
 from __future__ import annotations
 
 import argparse
@@ -22,19 +23,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
+import torch
 
-from megalite.cluster.env import from_environ, init_distributed  # noqa: E402
-from megalite.cluster.launch import prepare_run  # noqa: E402
-from megalite.cluster.local import free_port  # noqa: E402
-from megalite.data.stream import TokenStream  # noqa: E402
-from megalite.model.llama import Llama, cross_entropy  # noqa: E402
-from megalite.parallel.dims import ParallelDims  # noqa: E402
-from megalite.parallel.engine import build_engine, build_optimizer  # noqa: E402
-from megalite.train.logbook import Logbook  # noqa: E402
-from megalite.train.trainer import Trainer  # noqa: E402
-from megalite.train.worker import seed_everything  # noqa: E402
-from megalite.cluster.launch import compose_config  # noqa: E402
+from megalite.cluster.env import from_environ, init_distributed
+from megalite.cluster.launch import compose_config, prepare_run
+from megalite.cluster.local import free_port
+from megalite.data.stream import TokenStream
+from megalite.model.llama import Llama, cross_entropy
+from megalite.parallel.dims import ParallelDims
+from megalite.parallel.engine import build_engine, build_optimizer
+from megalite.train.logbook import Logbook
+from megalite.train.trainer import Trainer
+from megalite.train.worker import seed_everything
 
 DEFAULTS = [
     "model=tiny",
