@@ -9,6 +9,7 @@ tokenizer vs model vocabulary → resume target checked against model shape and 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -113,10 +114,27 @@ def prepare_run(
     return resume
 
 
+def resolve_run_dir(cfg: Config, *, default_run_dir: Path, outside: bool) -> Path:
+    """`trainer.run_dir`, else Hydra's timestamped folder when megalite spawns the ranks itself.
+
+    Ranks started by torchrun/srun each compose their own config, and their timestamps may differ
+    by a second: they share a folder named after the job instead, or need `trainer.run_dir`.
+    """
+    if cfg.trainer.run_dir:
+        return Path(cfg.trainer.run_dir).expanduser().resolve()
+    if not outside:
+        return default_run_dir.resolve()
+    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if job == "none":
+        raise ConfigError("set trainer.run_dir=DIR: ranks started by torchrun must share one")
+    prefix = "slurm" if "SLURM_JOB_ID" in os.environ else "torchrun"
+    return (Path("outputs") / f"{prefix}-{job}").resolve()
+
+
 def launch(cfg: Config, *, default_run_dir: Path) -> dict[str, float] | None:
     """Run the job: in this process if an outside launcher started it, else in tp*pp*dp children."""
     env = from_environ()
-    run_dir = Path(cfg.trainer.run_dir or default_run_dir).expanduser().resolve()
+    run_dir = resolve_run_dir(cfg, default_run_dir=default_run_dir, outside=env is not None)
     resume = prepare_run(
         cfg,
         run_dir=run_dir,

@@ -95,3 +95,19 @@ def test_zero_matches_single_process(stage: int, sample_data: Path, tmp_path: Pa
         atol=0,
     )
     assert want[-1] < want[0]  # it trains
+
+
+def test_bf16_tracks_fp32_reference(sample_data: Path, tmp_path: Path) -> None:
+    """bf16 mixed precision (fp32 master weights in DeepSpeed) stays within bf16 rounding."""
+    cfg = job_config(
+        sample_data, tmp_path / "run", "parallel.zero_stage=2", "trainer.precision=bf16"
+    )
+    launch(cfg, default_run_dir=tmp_path / "unused")
+    got = train_losses(tmp_path / "run")
+    want = reference_losses(job_config(sample_data, tmp_path / "ref"), sample_data)
+    torch.testing.assert_close(
+        torch.tensor([got[s] for s in range(1, STEPS + 1)], dtype=torch.float64),
+        torch.tensor(want, dtype=torch.float64),
+        rtol=2e-2,
+        atol=0,
+    )
