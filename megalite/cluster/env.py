@@ -80,7 +80,19 @@ def pick_device(requested: str, *, local_rank: int) -> torch.device:
 
 
 def init_distributed(env: DistEnv, *, device: torch.device, timeout_s: float = 600.0) -> None:
-    """Join the process group: NCCL on GPUs, gloo on CPU."""
+    """Join the process group: NCCL on GPUs, gloo on CPU.
+
+    Also exports the torchrun variables, which DeepSpeed reads (LOCAL_RANK above all) however the
+    process was started.
+    """
+    os.environ.update(
+        RANK=str(env.global_rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_RANK=str(env.local_rank),
+        LOCAL_WORLD_SIZE=str(env.local_world_size),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+    )
     if device.type == "cpu":
         # Share the cores between the local ranks instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))

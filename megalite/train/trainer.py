@@ -24,6 +24,7 @@ from megalite.data.stream import TokenStream
 from megalite.model.flops import flops_per_token
 from megalite.model.llama import cross_entropy
 from megalite.parallel.dims import ParallelDims
+from megalite.parallel.engine import effective_zero_stage
 from megalite.train import metrics
 from megalite.train.logbook import Logbook, format_line
 
@@ -77,7 +78,7 @@ class Trainer:
             device, precision=t.precision, configured=t.peak_flops, cpu_peak=t.cpu_peak_flops
         )
         # fp32 without ZeRO: DeepSpeed clips but reports no norm, so megalite clips (see engine.py).
-        self.clip_here = cfg.parallel.zero_stage == 0 and t.precision == "fp32"
+        self.clip_here = effective_zero_stage(cfg) == 0 and t.precision == "fp32"
 
     # ---- state ----------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from megalite.config import Config
 from megalite.model import ops
 from megalite.model.llama import Llama
 from megalite.parallel.dims import ParallelDims
-from megalite.parallel.engine import build_engine
+from megalite.parallel.engine import build_engine, effective_zero_stage
 from megalite.train.logbook import Logbook
 from megalite.train.trainer import Trainer
 
@@ -86,15 +86,21 @@ def _train(
     dims = ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, global_rank=env.global_rank)
     dims.build_groups()
     log.info(
-        "world %d = tp %d x pp %d x dp %d | ZeRO %d | %s | device %s | ops %s",
+        "world %d = tp %d x pp %d x dp %d | ZeRO %d%s | %s | device %s | ops %s",
         dims.world_size,
         p.tp,
         p.pp,
         p.dp,
-        p.zero_stage,
+        effective_zero_stage(cfg),
+        f" (asked {p.zero_stage}: nothing to shard with dp=1)"
+        if effective_zero_stage(cfg) != p.zero_stage
+        else "",
         cfg.trainer.precision,
         device,
-        ops.describe_backends(),
+        ops.describe_backends(
+            device=device,
+            dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32,
+        ),
     )
     seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
     model = Llama(cfg.model).to(device)

@@ -31,7 +31,7 @@ from megalite.cluster.local import free_port
 from megalite.data.stream import TokenStream
 from megalite.model.llama import Llama, cross_entropy
 from megalite.parallel.dims import ParallelDims
-from megalite.parallel.engine import build_engine, build_optimizer
+from megalite.parallel.engine import build_engine, build_optimizer, effective_zero_stage
 from megalite.train.logbook import Logbook
 from megalite.train.trainer import Trainer
 from megalite.train.worker import seed_everything
@@ -124,7 +124,7 @@ def main() -> None:
 
     print(f"\nmodel={cfg.model.name} seq_len={cfg.trainer.seq_len} "
           f"batch={cfg.trainer.global_batch_size} threads={torch.get_num_threads()} "
-          f"steps={args.steps}x{args.repeats}")  # fmt: skip
+          f"steps={args.steps}x{args.repeats} zero={effective_zero_stage(cfg)}")  # fmt: skip
     print(f"{'what':<28}{'tokens/s':>12}{'ratio':>10}")
     print(f"{'megalite train step':<28}{med['megalite']:>12.0f}"
           f"{med['megalite'] / med['plain PyTorch']:>10.3f}")  # fmt: skip
