@@ -65,19 +65,26 @@ def commit(root: Path, step: int, meta: dict[str, Any]) -> Path:
     """Seal `root/.tmp-step_N` (all ranks have written into it): record file sizes in meta.json,
     fsync everything, rename to `step_N`, then point `latest` at it. Run by one rank only."""
     tmp = root / tmp_name(step)
-    final = root / step_name(step)
+    final = _free_name(root, step)
     files = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         _fsync_path(path)
         files[str(path.relative_to(tmp))] = path.stat().st_size
     meta = {**meta, "step": step, "files": files}
     _write_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True))
-    if final.exists():  # a re-save of the same step (e.g. after a rollback): replace it whole
-        shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_path(root)
     _write_atomic(root / LATEST, final.name + "\n")
     return final
+
+
+def _free_name(root: Path, step: int) -> Path:
+    """`step_N`, or `step_N.K` when step N was already committed (a run resumed from an older
+    checkpoint passes the same step again): nothing committed is ever deleted or overwritten."""
+    path, k = root / step_name(step), 1
+    while path.exists():
+        path, k = root / f"{step_name(step)}.{k}", k + 1
+    return path
 
 
 def discard_partial(root: Path) -> None:

@@ -55,11 +55,9 @@ def save(
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
     torch.save({**rank_state, "rng": rng_state()}, tmp / store.rank_file(global_rank))
     dist.barrier()  # every rank's files are on disk before one rank seals the folder
-    final = root / store.step_name(step)
-    if global_rank == 0:
-        store.commit(root, step, meta)
-    dist.barrier()
-    return final
+    final = [store.commit(root, step, meta) if global_rank == 0 else None]
+    dist.broadcast_object_list(final, src=0)
+    return final[0]
 
 
 def load(engine: Any, ckpt: Path, *, global_rank: int) -> dict[str, Any]:

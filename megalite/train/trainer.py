@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megalite.checkpoint import store, training
+from megalite.checkpoint import training
 from megalite.config import Config
 from megalite.data.stream import TokenStream
 from megalite.model.flops import flops_per_token
@@ -72,6 +72,7 @@ class Trainer:
         self.consumed_tokens = 0
         self.initial_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
+        self.saved_step = -1  # the step of last_checkpoint
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak_flops = metrics.peak_flops(
@@ -89,7 +90,7 @@ class Trainer:
         self.initial_val_loss = state.get("initial_val_loss")
         self.train_stream.load_state_dict(state["data"])
         self._batches = iter(self.train_stream)
-        self.last_checkpoint = ckpt
+        self.last_checkpoint, self.saved_step = ckpt, self.step
         log.info(
             "resumed from %s at step %d (%d tokens seen)", ckpt, self.step, self.consumed_tokens
         )
@@ -120,6 +121,7 @@ class Trainer:
             rank_state=rank_state,
             meta=meta,
         )
+        self.saved_step = self.step
         log.info("checkpoint step %d committed: %s", self.step, self.last_checkpoint)
         return self.last_checkpoint
 
@@ -221,7 +223,7 @@ class Trainer:
                 self.save()
         val_loss = self.evaluate()
         self._log_eval(val_loss)
-        if self.last_checkpoint is None or self.last_checkpoint.name != store.step_name(self.step):
+        if self.saved_step != self.step:
             self.save()
         result = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
         if self.initial_val_loss is not None:

@@ -52,3 +52,10 @@ def test_uncommitted_folder_is_refused(tmp_path: Path) -> None:
     tmp = fake_save(tmp_path, 7, commit=False)
     with pytest.raises(store.CheckpointError, match="not a committed checkpoint"):
         store.resolve(str(tmp), run_dir=tmp_path)
+
+
+def test_recommit_of_a_step_keeps_the_first(tmp_path: Path) -> None:
+    first = fake_save(tmp_path, 10, commit=True)
+    again = fake_save(tmp_path, 10, commit=True)
+    assert again.name == "step_00000010.1" and first.exists()
+    assert store.latest(tmp_path) == again
