@@ -1,0 +1,226 @@
+"""Apply tensor parallelism to a plain `Llama`, in place: the one place the model meets ranks.
+
+The model is built whole with the run's seed (so every rank holds the same full tensors, exactly
+the unsharded model's initialisation) and each rank keeps its slices:
+
+- attention: q heads split over TP; kv heads split too, or, when there are fewer kv heads than
+  ranks (tp % n_kv_heads == 0), kv head `tp_rank // (tp / n_kv_heads)` replicated on each group of
+  tp / n_kv_heads neighbouring ranks, its gradient summed over that group; `wo` row-parallel;
+- MLP: gate and up fused column-parallel (`w13`), `w2` row-parallel;
+- embedding and head: split over the vocabulary padded to a multiple of tp; padding rows are zero
+  and masked out of the loss; the loss is the vocab-parallel cross-entropy;
+- regions: one collective pair around attention, MLP and head: copy/all-reduce, or with sequence
+  parallelism all-gather/reduce-scatter along the sequence, with norms and residuals sharded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megalite.model.llama import Llama, TransformerBlock, cross_entropy
+from megalite.parallel.dims import ParallelDims
+from megalite.parallel.tensor import (
+    copy_to_tp,
+    gather_seq,
+    reduce_from_tp,
+    reduce_scatter_seq,
+    vocab_parallel_cross_entropy,
+)
+from megalite.parallel.tp_layers import (
+    ParallelSwiGLU,
+    SequenceParallelRMSNorm,
+    ShardedLinear,
+    TPShard,
+    VocabParallelEmbedding,
+    mark,
+)
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TPPlan:
+    """Sizes of this rank's shards."""
+
+    tp: int
+    tp_rank: int
+    vocab_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+
+    @property
+    def padded_vocab(self) -> int:
+        return math.ceil(self.vocab_size / self.tp) * self.tp
+
+    @property
+    def vocab_start(self) -> int:
+        return self.tp_rank * self.padded_vocab // self.tp
+
+    @property
+    def kv_replicas(self) -> int:
+        return max(1, self.tp // self.n_kv_heads)
+
+    def kv_rows(self) -> slice:
+        """Rows of wk/wv (kv heads × head_dim) this rank holds."""
+        if self.kv_replicas > 1:
+            head = self.tp_rank // self.kv_replicas
+            return slice(head * self.head_dim, (head + 1) * self.head_dim)
+        return _part(self.n_kv_heads * self.head_dim, self.tp, self.tp_rank)
+
+
+def _part(n: int, tp: int, rank: int) -> slice:
+    return slice(rank * n // tp, (rank + 1) * n // tp)
+
+
+def kv_replica_groups(dims: ParallelDims, replicas: int) -> dist.ProcessGroup | None:
+    """The group of TP ranks sharing this rank's kv head (collective: all ranks build all groups)."""
+    if replicas == 1:
+        return None
+    mine = None
+    for tp_ranks in dims.axis_ranks("tp"):
+        for start in range(0, len(tp_ranks), replicas):
+            ranks = tp_ranks[start : start + replicas]
+            group = dist.new_group(ranks)
+            if dims.global_rank in ranks:
+                mine = group
+    return mine
+
+
+def apply_tp(model: Llama, dims: ParallelDims, *, sequence_parallel: bool) -> LossFn:
+    """Shard `model` over the TP group in place; returns the loss function for its logits.
+
+    With tp=1 the model is left untouched and the loss is the plain cross-entropy.
+    """
+    if dims.tp == 1:
+        return cross_entropy
+    cfg = model.cfg
+    plan = TPPlan(
+        tp=dims.tp,
+        tp_rank=dims.tp_rank,
+        vocab_size=cfg.vocab_size,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        ffn_dim=cfg.ffn_dim,
+    )
+    group = dims.group("tp")
+    kv_group = kv_replica_groups(dims, plan.kv_replicas)
+    with torch.no_grad():
+        _shard_vocab(model, plan, group, sequence_parallel)
+        for i, layer in enumerate(model.layers):
+            _shard_block(layer, f"layers.{i}", plan, kv_group)
+    entry = gather_seq if sequence_parallel else copy_to_tp
+    exit_ = reduce_scatter_seq if sequence_parallel else reduce_from_tp
+    for layer in model.layers:
+        _region(layer.attn, group, entry, exit_)
+        _region(layer.mlp, group, entry, exit_)
+        if sequence_parallel:
+            layer.attn_norm = SequenceParallelRMSNorm(layer.attn_norm, group)
+            layer.mlp_norm = SequenceParallelRMSNorm(layer.mlp_norm, group)
+    if sequence_parallel:
+        model.norm = SequenceParallelRMSNorm(model.norm, group)
+    _region(model.head, group, entry, None)
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(
+            logits, targets, vocab_start=plan.vocab_start, vocab_size=plan.vocab_size, group=group
+        )
+
+    return loss
+
+
+def _region(module: nn.Module, group, entry, exit_) -> None:
+    """Run `module` between an entry and (optionally) an exit collective, via hooks, so its own
+    forward and its parameter names stay those of the plain model."""
+    module.register_forward_pre_hook(lambda _m, args: (entry(args[0], group), *args[1:]))
+    if exit_ is not None:
+        module.register_forward_hook(lambda _m, _args, out: exit_(out, group))
+
+
+def _shard_vocab(model: Llama, plan: TPPlan, group, sequence_parallel: bool) -> None:
+    rows = _part(plan.padded_vocab, plan.tp, plan.tp_rank)
+    shard = TPShard("vocab", ("embed.weight",), full_rows=plan.vocab_size)
+    embed = _pad_rows(model.embed.weight, plan.padded_vocab)[rows].clone()
+    model.embed = VocabParallelEmbedding(
+        embed, vocab_start=plan.vocab_start, group=group, sequence_parallel=sequence_parallel
+    )
+    mark(model.embed.weight, shard)
+    if model.cfg.tie_embeddings:
+        model.head = ShardedLinear(torch.empty(0, 0))
+        model.head.weight = model.embed.weight
+    else:
+        head = _pad_rows(model.head.weight, plan.padded_vocab)[rows].clone()
+        model.head = ShardedLinear(head)
+        mark(model.head.weight, TPShard("vocab", ("head.weight",), full_rows=plan.vocab_size))
+
+
+def _shard_block(layer: TransformerBlock, prefix: str, plan: TPPlan, kv_group) -> None:
+    attn, mlp = layer.attn, layer.mlp
+    q_rows = _part(plan.n_heads * plan.head_dim, plan.tp, plan.tp_rank)
+    attn.wq = ShardedLinear(attn.wq.weight[q_rows].clone())
+    mark(attn.wq.weight, TPShard("rows", (f"{prefix}.attn.wq.weight",)))
+    kv = plan.kv_rows()
+    first_replica = plan.tp_rank % plan.kv_replicas == 0
+    for name in ("wk", "wv"):
+        lin = ShardedLinear(getattr(attn, name).weight[kv].clone(), grad_group=kv_group)
+        shard = TPShard("kv", (f"{prefix}.attn.{name}.weight",), replicas=plan.kv_replicas)
+        mark(lin.weight, shard, counted=first_replica)  # a replicated kv head counts once
+        setattr(attn, name, lin)
+    attn.wo = ShardedLinear(attn.wo.weight[:, q_rows].clone())
+    mark(attn.wo.weight, TPShard("cols", (f"{prefix}.attn.wo.weight",)))
+    f = _part(plan.ffn_dim, plan.tp, plan.tp_rank)
+    w13 = torch.cat([mlp.w1.weight[f], mlp.w3.weight[f]])  # (2 ffn / tp, dim)
+    layer.mlp = ParallelSwiGLU(w13, mlp.w2.weight[:, f].clone())
+    names = (f"{prefix}.mlp.w1.weight", f"{prefix}.mlp.w3.weight")
+    mark(layer.mlp.w13.weight, TPShard("gate_up", names))
+    mark(layer.mlp.w2.weight, TPShard("cols", (f"{prefix}.mlp.w2.weight",)))
+
+
+def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    if weight.shape[0] == rows:
+        return weight
+    pad = weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])
+    return torch.cat([weight, pad])  # (rows, ...)
+
+
+def full_parameters(model: nn.Module, group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
+    """Every parameter (or its `.grad` with `grads=True`) gathered to the plain model's names and
+    full shapes. Collective over the TP group; for tests and conversion."""
+    return _gather(model, group, grads=False)
+
+
+def full_gradients(model: nn.Module, group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
+    return _gather(model, group, grads=True)
+
+
+def _gather(model: nn.Module, group, *, grads: bool) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        t = (p.grad if grads else p).detach()
+        shard: TPShard | None = getattr(p, "tp_shard", None)
+        if shard is None:
+            out[name] = t.clone()
+            continue
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        if shard.kind == "cols":
+            out[shard.names[0]] = torch.cat(parts, dim=1)
+        elif shard.kind == "rows":
+            out[shard.names[0]] = torch.cat(parts)
+        elif shard.kind == "vocab":
+            out[shard.names[0]] = torch.cat(parts)[: shard.full_rows]
+        elif shard.kind == "kv":
+            out[shard.names[0]] = torch.cat(parts[:: shard.replicas])
+        elif shard.kind == "gate_up":
+            halves = [p.chunk(2) for p in parts]
+            out[shard.names[0]] = torch.cat([h[0] for h in halves])
+            out[shard.names[1]] = torch.cat([h[1] for h in halves])
+    return out
