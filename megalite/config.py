@@ -193,9 +193,18 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
         "use parallel.zero_stage=0 or 1",
     )
     _require(
-        p.tp == 1 and p.pp == 1,
-        f"tensor/pipeline parallelism (tp={p.tp}, pp={p.pp}) is not available yet: "
-        "use parallel.tp=1 parallel.pp=1",
+        m.ffn_dim % p.tp == 0,
+        f"model.ffn_dim={m.ffn_dim} is not divisible by parallel.tp={p.tp}: "
+        f"use a tp that divides {m.ffn_dim}",
+    )
+    _require(
+        not (p.sequence_parallel and p.tp == 1),
+        "parallel.sequence_parallel=true shards the sequence over tensor-parallel ranks and "
+        "needs parallel.tp > 1: set parallel.sequence_parallel=false or parallel.tp > 1",
+    )
+    _require(
+        p.pp == 1,
+        f"pipeline parallelism (pp={p.pp}) is not available yet: use parallel.pp=1",
     )
 
 
@@ -216,6 +225,11 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> Non
         f"trainer.precision={t.precision!r}: use fp32 or bf16",
     )
     _require(t.device in ("auto", "cpu", "cuda"), f"trainer.device={t.device!r}: use auto|cpu|cuda")
+    _require(
+        not p.sequence_parallel or t.seq_len % p.tp == 0,
+        f"trainer.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}, which sequence "
+        f"parallelism needs: use a multiple of {p.tp}",
+    )
     _require(
         t.seq_len <= m.max_seq_len,
         f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}",

@@ -46,6 +46,13 @@ def test_typo_fails_at_composition() -> None:
             "model.n_kv_heads=4 and parallel.tp=6 must divide one another",
         ),
         (["parallel.zero_stage=4"], "is not a ZeRO stage"),
+        (["parallel.sequence_parallel=true"], "needs parallel.tp > 1"),
+        (
+            ["parallel.tp=2", "parallel.sequence_parallel=true", "trainer.seq_len=255"],
+            "trainer.seq_len=255 is not divisible by parallel.tp=2, which sequence parallelism",
+        ),
+        (["parallel.tp=4", "model.ffn_dim=390"], "model.ffn_dim=390 is not divisible"),
+        (["parallel.pp=2"], "pipeline parallelism .pp=2. is not available yet"),
         (
             ["parallel.dp=3", "trainer.global_batch_size=8", "trainer.micro_batch_size=2"],
             "not divisible by micro_batch_size x dp = 2 x 3 = 6",

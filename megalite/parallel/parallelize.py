@@ -15,6 +15,7 @@ the unsharded model's initialisation) and each rank keeps its slices:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ def _part(n: int, tp: int, rank: int) -> slice:
 
 
 def kv_replica_groups(dims: ParallelDims, replicas: int) -> dist.ProcessGroup | None:
-    """The group of TP ranks sharing this rank's kv head (collective: all ranks build all groups)."""
+    """The TP ranks sharing this rank's kv head (collective: every rank builds every group)."""
     if replicas == 1:
         return None
     mine = None
@@ -191,13 +192,24 @@ def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, pad])  # (rows, ...)
 
 
+def shard_specs(model: nn.Module) -> dict[str, dict[str, object]]:
+    """How each parameter of a TP-sharded model maps to the plain model's tensors (JSON-ready, for
+    checkpoint metadata); empty for an unsharded model."""
+    return {
+        name: dataclasses.asdict(p.tp_shard)
+        for name, p in model.named_parameters()
+        if getattr(p, "tp_shard", None) is not None
+    }
+
+
 def full_parameters(model: nn.Module, group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
-    """Every parameter (or its `.grad` with `grads=True`) gathered to the plain model's names and
-    full shapes. Collective over the TP group; for tests and conversion."""
+    """Every parameter gathered to the plain model's names and full shapes (vocabulary padding
+    stripped). Collective over the TP group; for tests and conversion."""
     return _gather(model, group, grads=False)
 
 
 def full_gradients(model: nn.Module, group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
+    """Like `full_parameters`, for the parameters' `.grad`."""
     return _gather(model, group, grads=True)
 
 

@@ -145,7 +145,7 @@ def vocab_parallel_embedding(
 ) -> torch.Tensor:
     """Look up the tokens this rank's vocabulary slice owns; zeros for the others.
 
-    tokens (b, s) int64, weight (vocab / tp, h) → partial embeddings (b, s, h), to be summed over TP.
+    tokens (b, s) int64, weight (vocab / tp, h) → partial embeddings (b, s, h), summed over TP.
     """
     local = tokens - vocab_start
     owned = (local >= 0) & (local < weight.shape[0])  # (b, s)

@@ -25,6 +25,7 @@ from megalite.model.flops import flops_per_token
 from megalite.model.llama import cross_entropy
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import effective_zero_stage
+from megalite.parallel.parallelize import LossFn, shard_specs
 from megalite.train import metrics
 from megalite.train.logbook import Logbook, format_line
 
@@ -46,8 +47,10 @@ class Trainer:
         device: torch.device,
         run_dir: Path,
         logbook: Logbook,
+        loss_fn: LossFn = cross_entropy,
     ) -> None:
         self.cfg = cfg
+        self.loss_fn = loss_fn
         self.engine = engine
         self.scheduler = scheduler
         self.dims = dims
@@ -107,6 +110,8 @@ class Trainer:
             "consumed_tokens": self.consumed_tokens,
             "model": asdict(self.cfg.model),
             "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp},
+            "sequence_parallel": p.sequence_parallel,
+            "tp_shards": shard_specs(self.engine.module),
             "zero_stage": p.zero_stage,
             "precision": self.cfg.trainer.precision,
             "data_path": str(self.data_path),
@@ -141,7 +146,7 @@ class Trainer:
         for micro in range(accum):
             batch = next(self._batches).to(self.device, non_blocking=True)  # (b, s + 1)
             inputs, targets = batch[:, :-1], batch[:, 1:]  # (b, s), (b, s)
-            loss = cross_entropy(self.engine(inputs), targets)
+            loss = self.loss_fn(self.engine(inputs), targets)
             self.engine.backward(loss)
             if micro == accum - 1 and self.clip_here:
                 grad_norm = self._clip_gradients()
@@ -185,7 +190,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _, batch in zip(range(t.eval_steps), stream, strict=False):
             batch = batch.to(self.device)
-            total += cross_entropy(self.engine(batch[:, :-1]), batch[:, 1:]).float()
+            total += self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:]).float()
         self.engine.train()
         return self._dp_mean(total / t.eval_steps)
 

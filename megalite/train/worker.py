@@ -25,6 +25,7 @@ from megalite.model import ops
 from megalite.model.llama import Llama
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine, effective_zero_stage
+from megalite.parallel.parallelize import apply_tp
 from megalite.train.logbook import Logbook
 from megalite.train.trainer import Trainer
 
@@ -86,9 +87,10 @@ def _train(
     dims = ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, global_rank=env.global_rank)
     dims.build_groups()
     log.info(
-        "world %d = tp %d x pp %d x dp %d | ZeRO %d%s | %s | device %s | ops %s",
+        "world %d = tp %d%s x pp %d x dp %d | ZeRO %d%s | %s | device %s | ops %s",
         dims.world_size,
         p.tp,
+        " (sequence parallel)" if p.sequence_parallel else "",
         p.pp,
         p.dp,
         effective_zero_stage(cfg),
@@ -102,9 +104,10 @@ def _train(
             dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32,
         ),
     )
-    seed_everything(cfg.trainer.seed)  # the same initial weights on every rank
-    model = Llama(cfg.model).to(device)
-    engine, scheduler = build_engine(model, cfg, dims)
+    seed_everything(cfg.trainer.seed)  # the same full initial weights on every rank
+    model = Llama(cfg.model)
+    loss_fn = apply_tp(model, dims, sequence_parallel=p.sequence_parallel)
+    engine, scheduler = build_engine(model.to(device), cfg, dims)
     ckpt = Path(resume_from) if resume_from else None
     meta = store.read_meta(ckpt) if ckpt else {}
     logbook = Logbook(
@@ -126,6 +129,7 @@ def _train(
             device=device,
             run_dir=run_dir,
             logbook=logbook,
+            loss_fn=loss_fn,
         )
         if ckpt is not None:
             trainer.resume(ckpt)

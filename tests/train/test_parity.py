@@ -111,3 +111,28 @@ def test_bf16_tracks_fp32_reference(sample_data: Path, tmp_path: Path) -> None:
         rtol=2e-2,
         atol=0,
     )
+
+
+@pytest.mark.parametrize(
+    "stage,sp", [(1, False), (2, True)], ids=["tp2-dp2-zero1", "tp2-dp2-zero2-sp"]
+)
+def test_tp_with_zero_matches_single_process(
+    stage: int, sp: bool, sample_data: Path, tmp_path: Path
+) -> None:
+    """4 processes: TP inside each DP replica, ZeRO over the DP group only."""
+    cfg = job_config(
+        sample_data,
+        tmp_path / "run",
+        "parallel.tp=2",
+        f"parallel.zero_stage={stage}",
+        f"parallel.sequence_parallel={sp}",
+    )
+    launch(cfg, default_run_dir=tmp_path / "unused")
+    got = train_losses(tmp_path / "run")
+    want = reference_losses(cfg, sample_data)
+    torch.testing.assert_close(
+        torch.tensor([got[s] for s in range(1, STEPS + 1)], dtype=torch.float64),
+        torch.tensor(want, dtype=torch.float64),
+        rtol=1e-5,
+        atol=0,
+    )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from megalite.checkpoint import store
 from megalite.cluster.launch import launch
 from tests.helpers import compose_config, read_metrics, train_losses
@@ -38,13 +40,29 @@ def run(data: Path, run_dir: Path, *extra: str) -> None:
     launch(cfg, default_run_dir=run_dir)
 
 
-def test_resume_is_bit_identical(sample_data: Path, tmp_path: Path) -> None:
+LAYOUTS = {
+    "dp2-zero2": (),
+    "tp2-dp2-zero1-sp": (
+        "parallel.tp=2",
+        "parallel.zero_stage=1",
+        "parallel.sequence_parallel=true",
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_resume_is_bit_identical(layout: str, sample_data: Path, tmp_path: Path) -> None:
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run(sample_data, straight)
-    run(sample_data, split, f"trainer.stop_at_step={N}")
+    run(sample_data, straight, *LAYOUTS[layout])
+    run(sample_data, split, *LAYOUTS[layout], f"trainer.stop_at_step={N}")
     ckpt = store.latest(split / "checkpoints")
     assert ckpt is not None and ckpt.name == store.step_name(N)
-    run(sample_data, split, "trainer.resume=auto")
+    meta = store.read_meta(ckpt)
+    if "parallel.tp=2" in LAYOUTS[layout]:
+        assert meta["layout"]["tp"] == 2 and meta["sequence_parallel"]
+        assert meta["tp_shards"]["layers.0.mlp.w13.weight"]["kind"] == "gate_up"
+        assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= set(meta["files"])
+    run(sample_data, split, *LAYOUTS[layout], "trainer.resume=auto")
 
     want, got = train_losses(straight), train_losses(split)
     assert sorted(got) == list(range(1, 2 * N + 1))
@@ -59,7 +77,7 @@ def test_checkpoint_contents(sample_data: Path, tmp_path: Path) -> None:
     meta = json.loads((ckpt / store.META).read_text())
     assert meta["step"] == N
     assert meta["consumed_tokens"] == N * 8 * 32
-    assert meta["layout"] == {"tp": 1, "pp": 1, "dp": 2}
+    assert meta["layout"] == {"tp": 1, "pp": 1, "dp": 2} and meta["tp_shards"] == {}
     assert meta["model"]["dim"] > 0 and meta["config"]["parallel"]["zero_stage"] == 2
     assert {"rank_00000.pt", "rank_00001.pt"} <= set(meta["files"])
     assert any("optim_states" in f for f in meta["files"])
