@@ -60,6 +60,8 @@ class ParallelConfig:
     dp: int = 1
     zero_stage: int = 1
     sequence_parallel: bool = False
+    pipeline_partition: str = "uniform"  # uniform (layer count) | parameters (parameter count)
+    activation_checkpointing: str = "none"  # none | full | selective (attention core only)
 
 
 @dataclass
@@ -203,8 +205,13 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
         "needs parallel.tp > 1: set parallel.sequence_parallel=false or parallel.tp > 1",
     )
     _require(
-        p.pp == 1,
-        f"pipeline parallelism (pp={p.pp}) is not available yet: use parallel.pp=1",
+        p.pipeline_partition in ("uniform", "parameters"),
+        f"parallel.pipeline_partition={p.pipeline_partition!r}: use uniform or parameters",
+    )
+    _require(
+        p.activation_checkpointing in ("none", "full", "selective"),
+        f"parallel.activation_checkpointing={p.activation_checkpointing!r}: "
+        "use none, full or selective",
     )
 
 

@@ -96,10 +96,16 @@ def init_distributed(env: DistEnv, *, device: torch.device, timeout_s: float = 6
     if device.type == "cpu":
         # Share the cores between the local ranks instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
-        backend="nccl" if device.type == "cuda" else "gloo",
+        backend=backend,
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
         rank=env.global_rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    # DeepSpeed's own comm layer wraps the group just made (its pipeline module needs it before
+    # the engine exists).
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)

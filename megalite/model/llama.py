@@ -14,6 +14,7 @@ from `layers` is self-contained, yet the tables exist once.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.rope = rope
+        # The attention core, a swappable function (selective activation checkpointing wraps it).
+        self.core: Callable[..., torch.Tensor] = ops.attention
 
     def init_weights(self, *, std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
@@ -110,7 +113,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_kv_heads, s, hd)
         cos, sin = self.rope(s)  # (s, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = ops.attention(q, k, v)  # (b, n_heads, s, hd)
+        out = self.core(q, k, v)  # (b, n_heads, s, hd)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))  # (b, s, dim)
 
 

@@ -47,8 +47,18 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
 def effective_zero_stage(cfg: Config) -> int:
     """ZeRO partitions over the data-parallel group; with dp=1 there is nothing to partition and
     stages 1-3 would only add copies (about 9% of a CPU step, measured by
-    tools/bench/throughput_cpu.py), so dp=1 runs stage 0."""
-    return cfg.parallel.zero_stage if cfg.parallel.dp > 1 else 0
+    tools/bench/throughput_cpu.py), so dp=1 runs stage 0 (except under a pipeline, where
+    DeepSpeed reports the gradient norm only through its ZeRO optimizer)."""
+    p = cfg.parallel
+    return p.zero_stage if p.dp > 1 or p.pp > 1 else 0
+
+
+def megalite_clips(cfg: Config) -> bool:
+    """fp32 without ZeRO and without a pipeline: DeepSpeed would clip but not report the norm, so
+    the trainer clips (and DeepSpeed's own clipping is off)."""
+    return (
+        effective_zero_stage(cfg) == 0 and cfg.trainer.precision == "fp32" and cfg.parallel.pp == 1
+    )
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -58,7 +68,7 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
-        "gradient_clipping": float(cfg.optim.grad_clip),
+        "gradient_clipping": 0.0 if megalite_clips(cfg) else float(cfg.optim.grad_clip),
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": t.precision == "bf16"},
@@ -66,6 +76,12 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if cfg.parallel.pp > 1:
+        # DeepSpeed splits stage-boundary activations over the TP ranks and re-gathers them,
+        # which assumes they are identical on every TP rank; under sequence parallelism each
+        # rank holds its own slice of the sequence, so they are sent whole.
+        sp = cfg.parallel.sequence_parallel
+        ds["pipeline"] = {"pipe_partitioned": not sp, "grad_partitioned": not sp}
     if stage == 3:
         # Keep every parameter partitioned between uses; the small-model defaults are fine.
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
@@ -84,7 +100,8 @@ def build_engine(model: nn.Module, cfg: Config, dims: ParallelDims) -> tuple[Any
             opt, optim=cfg.optim, max_steps=cfg.trainer.max_steps
         ),
         config=deepspeed_config(cfg),
-        mpu=DeepSpeedMPU(dims),
+        # A PipelineModule brings its own grid (same rank order); DeepSpeed refuses an mpu then.
+        mpu=None if dims.pp > 1 else DeepSpeedMPU(dims),
         dist_init_required=False,
     )
     return engine, scheduler

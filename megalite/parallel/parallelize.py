@@ -118,8 +118,7 @@ def apply_tp(model: Llama, dims: ParallelDims, *, sequence_parallel: bool) -> Lo
         _shard_vocab(model, plan, group, sequence_parallel)
         for i, layer in enumerate(model.layers):
             _shard_block(layer, f"layers.{i}", plan, kv_group)
-    entry = gather_seq if sequence_parallel else copy_to_tp
-    exit_ = reduce_scatter_seq if sequence_parallel else reduce_from_tp
+    entry, exit_ = region_collectives(sequence_parallel)
     for layer in model.layers:
         _region(layer.attn, group, entry, exit_)
         _region(layer.mlp, group, entry, exit_)
@@ -136,6 +135,24 @@ def apply_tp(model: Llama, dims: ParallelDims, *, sequence_parallel: bool) -> Lo
         )
 
     return loss
+
+
+def region_collectives(sequence_parallel: bool) -> tuple[Callable, Callable]:
+    """The (entry, exit) collectives of a TP region."""
+    if sequence_parallel:
+        return gather_seq, reduce_scatter_seq
+    return copy_to_tp, reduce_from_tp
+
+
+def head_entry(
+    dims: ParallelDims, *, sequence_parallel: bool
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the head's input goes through (a pipeline's tied head applies it itself)."""
+    if dims.tp == 1:
+        return lambda h: h
+    entry, _ = region_collectives(sequence_parallel)
+    group = dims.group("tp")
+    return lambda h: entry(h, group)
 
 
 def _region(module: nn.Module, group, entry, exit_) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from megalite.data.stream import TokenStream
 from megalite.model.flops import flops_per_token
 from megalite.model.llama import cross_entropy
 from megalite.parallel.dims import ParallelDims
-from megalite.parallel.engine import effective_zero_stage
+from megalite.parallel.engine import megalite_clips
 from megalite.parallel.parallelize import LossFn, shard_specs
 from megalite.train import metrics
 from megalite.train.logbook import Logbook, format_line
@@ -34,6 +35,12 @@ log = logging.getLogger("megalite")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the last good checkpoint."""
+
+
+def pairs(batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) of each (b, s + 1) window batch, as the pipeline engine loads them."""
+    for batch in batches:
+        yield batch[:, :-1], batch[:, 1:]  # (b, s), (b, s)
 
 
 class Trainer:
@@ -71,6 +78,7 @@ class Trainer:
             shuffle=cfg.data.shuffle,
         )
         self._batches = iter(self.train_stream)
+        self._pairs = pairs(self._batches)
         self.step = 0
         self.consumed_tokens = 0
         self.initial_val_loss: float | None = None
@@ -81,8 +89,8 @@ class Trainer:
         self.peak_flops = metrics.peak_flops(
             device, precision=t.precision, configured=t.peak_flops, cpu_peak=t.cpu_peak_flops
         )
-        # fp32 without ZeRO: DeepSpeed clips but reports no norm, so megalite clips (see engine.py).
-        self.clip_here = effective_zero_stage(cfg) == 0 and t.precision == "fp32"
+        self.clip_here = megalite_clips(cfg)
+        self.pipeline = cfg.parallel.pp > 1
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -93,6 +101,7 @@ class Trainer:
         self.initial_val_loss = state.get("initial_val_loss")
         self.train_stream.load_state_dict(state["data"])
         self._batches = iter(self.train_stream)
+        self._pairs = pairs(self._batches)
         self.last_checkpoint, self.saved_step = ckpt, self.step
         log.info(
             "resumed from %s at step %d (%d tokens seen)", ckpt, self.step, self.consumed_tokens
@@ -139,8 +148,27 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches; returns loss, lr, grad norm."""
-        accum = self.cfg.grad_accum_steps
         lr = self.scheduler.get_last_lr()[0]
+        if self.pipeline:
+            # The pipeline engine runs the 1F1B schedule over all micro-batches; only the first
+            # and last stages draw from the stream. The loss is averaged over micro-batches and
+            # DP and broadcast to every stage.
+            loss_value = float(self.engine.train_batch(self._pairs))
+            grad_norm = self.engine.get_global_grad_norm()
+        else:
+            loss_value, grad_norm = self._accumulate(self.cfg.grad_accum_steps)
+        self.step += 1
+        self.consumed_tokens += self.tokens_per_step
+        if not math.isfinite(loss_value):
+            where = self.last_checkpoint or "none (no checkpoint was saved yet)"
+            raise TrainingError(
+                f"non-finite loss ({loss_value}) at step {self.step}; last good checkpoint: {where}"
+            )
+        norm = float(grad_norm) if grad_norm is not None else float("nan")
+        return {"loss": loss_value, "lr": lr, "grad_norm": norm}
+
+    def _accumulate(self, accum: int) -> tuple[float, float | None]:
+        """Forward/backward over `accum` micro-batches and the optimizer step (no pipeline)."""
         loss_sum = torch.zeros((), device=self.device)
         grad_norm = None
         for micro in range(accum):
@@ -154,16 +182,7 @@ class Trainer:
             loss_sum += loss.detach().float()
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
-        self.step += 1
-        self.consumed_tokens += self.tokens_per_step
-        loss_value = self._dp_mean(loss_sum / accum)
-        if not math.isfinite(loss_value):
-            where = self.last_checkpoint or "none (no checkpoint was saved yet)"
-            raise TrainingError(
-                f"non-finite loss ({loss_value}) at step {self.step}; last good checkpoint: {where}"
-            )
-        norm = float(grad_norm) if grad_norm is not None else float("nan")
-        return {"loss": loss_value, "lr": lr, "grad_norm": norm}
+        return self._dp_mean(loss_sum / accum), grad_norm
 
     def _clip_gradients(self) -> float:
         from deepspeed.runtime.utils import clip_grad_norm_
@@ -186,6 +205,9 @@ class Trainer:
             seed=t.seed,
             shuffle=False,
         )
+        if self.pipeline:  # averaged over micro-batches and DP, broadcast to every stage
+            loss = self.engine.eval_batch(pairs(stream), num_micro_batches=t.eval_steps)
+            return float(loss)
         self.engine.eval()
         total = torch.zeros((), device=self.device)
         for _, batch in zip(range(t.eval_steps), stream, strict=False):

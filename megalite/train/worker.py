@@ -23,9 +23,11 @@ from megalite.cluster.env import DistEnv, from_environ, init_distributed, pick_d
 from megalite.config import Config
 from megalite.model import ops
 from megalite.model.llama import Llama
+from megalite.parallel.checkpointing import apply_ac
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine, effective_zero_stage
-from megalite.parallel.parallelize import apply_tp
+from megalite.parallel.parallelize import LossFn, apply_tp, head_entry
+from megalite.parallel.pipeline import bubble_fraction, build_pipeline
 from megalite.train.logbook import Logbook
 from megalite.train.trainer import Trainer
 
@@ -61,6 +63,35 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def build_model(cfg: Config, dims: ParallelDims) -> tuple[torch.nn.Module, LossFn]:
+    """The plain model, then each parallelism applied to it in turn: TP, activation
+    checkpointing, pipeline stages. Returns this rank's module and its loss function."""
+    p = cfg.parallel
+    seed_everything(cfg.trainer.seed)  # the same full initial weights on every rank
+    model = Llama(cfg.model)
+    loss_fn = apply_tp(model, dims, sequence_parallel=p.sequence_parallel)
+    apply_ac(model, p.activation_checkpointing)
+    if p.pp == 1:
+        return model, loss_fn
+    m = cfg.grad_accum_steps
+    log.info(
+        "pipeline: %d stages, %d micro-batches per step, partition %s; expected bubble "
+        "(p-1)/(m+p-1) = %.1f%%",
+        p.pp,
+        m,
+        p.pipeline_partition,
+        100 * bubble_fraction(pp=p.pp, micro_batches=m),
+    )
+    pipe = build_pipeline(
+        model,
+        dims,
+        loss_fn=loss_fn,
+        head_entry=head_entry(dims, sequence_parallel=p.sequence_parallel),
+        partition=p.pipeline_partition,
+    )
+    return pipe, loss_fn
 
 
 def run_worker(cfg: Config, run_dir: str, resume_from: str | None = None) -> dict[str, float]:
@@ -104,10 +135,8 @@ def _train(
             dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32,
         ),
     )
-    seed_everything(cfg.trainer.seed)  # the same full initial weights on every rank
-    model = Llama(cfg.model)
-    loss_fn = apply_tp(model, dims, sequence_parallel=p.sequence_parallel)
-    engine, scheduler = build_engine(model.to(device), cfg, dims)
+    module, loss_fn = build_model(cfg, dims)
+    engine, scheduler = build_engine(module.to(device), cfg, dims)
     ckpt = Path(resume_from) if resume_from else None
     meta = store.read_meta(ckpt) if ckpt else {}
     logbook = Logbook(
