@@ -52,7 +52,9 @@ def test_typo_fails_at_composition() -> None:
             "trainer.seq_len=255 is not divisible by parallel.tp=2, which sequence parallelism",
         ),
         (["parallel.tp=4", "model.ffn_dim=390"], "model.ffn_dim=390 is not divisible"),
-        (["parallel.pp=2"], "pipeline parallelism .pp=2. is not available yet"),
+        (["parallel.pp=8"], "parallel.pp=8 exceeds model.n_layers=4"),
+        (["parallel.pipeline_partition=random"], "use uniform or parameters"),
+        (["parallel.activation_checkpointing=some"], "use none, full or selective"),
         (
             ["parallel.dp=3", "trainer.global_batch_size=8", "trainer.micro_batch_size=2"],
             "not divisible by micro_batch_size x dp = 2 x 3 = 6",

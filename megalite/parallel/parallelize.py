@@ -210,13 +210,16 @@ def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def shard_specs(model: nn.Module) -> dict[str, dict[str, object]]:
-    """How each parameter of a TP-sharded model maps to the plain model's tensors (JSON-ready, for
-    checkpoint metadata); empty for an unsharded model."""
-    return {
-        name: dataclasses.asdict(p.tp_shard)
-        for name, p in model.named_parameters()
-        if getattr(p, "tp_shard", None) is not None
-    }
+    """How this rank's TP-sharded parameters map to the plain model's tensors, keyed by the plain
+    names (so a pipeline stage's module names do not matter); JSON-ready, for checkpoint
+    metadata; empty for an unsharded model."""
+    specs = {}
+    for p in model.parameters():
+        shard: TPShard | None = getattr(p, "tp_shard", None)
+        if shard is not None:
+            for name in shard.names:
+                specs[name] = dataclasses.asdict(shard)
+    return specs
 
 
 def full_parameters(model: nn.Module, group: dist.ProcessGroup) -> dict[str, torch.Tensor]:

@@ -37,6 +37,13 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss); the message names the last good checkpoint."""
 
 
+def _all_shard_specs(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """Every rank's TP shard specs merged: under a pipeline each rank holds one stage's."""
+    gathered: list[dict[str, dict[str, Any]]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, shard_specs(module))
+    return {name: spec for specs in gathered for name, spec in sorted(specs.items())}
+
+
 def pairs(batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, targets) of each (b, s + 1) window batch, as the pipeline engine loads them."""
     for batch in batches:
@@ -90,6 +97,7 @@ class Trainer:
             device, precision=t.precision, configured=t.peak_flops, cpu_peak=t.cpu_peak_flops
         )
         self.clip_here = megalite_clips(cfg)
+        self.tp_shards = _all_shard_specs(self.engine.module)
         self.pipeline = cfg.parallel.pp > 1
 
     # ---- state ----------------------------------------------------------------------------
@@ -120,7 +128,7 @@ class Trainer:
             "model": asdict(self.cfg.model),
             "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp},
             "sequence_parallel": p.sequence_parallel,
-            "tp_shards": shard_specs(self.engine.module),
+            "tp_shards": self.tp_shards,
             "zero_stage": p.zero_stage,
             "precision": self.cfg.trainer.precision,
             "data_path": str(self.data_path),

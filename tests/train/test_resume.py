@@ -47,6 +47,7 @@ LAYOUTS = {
         "parallel.zero_stage=1",
         "parallel.sequence_parallel=true",
     ),
+    "tp2-pp2-dp2-zero1": ("parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"),
 }
 
 
@@ -59,14 +60,22 @@ def test_resume_is_bit_identical(layout: str, sample_data: Path, tmp_path: Path)
     assert ckpt is not None and ckpt.name == store.step_name(N)
     meta = store.read_meta(ckpt)
     if "parallel.tp=2" in LAYOUTS[layout]:
-        assert meta["layout"]["tp"] == 2 and meta["sequence_parallel"]
-        assert meta["tp_shards"]["layers.0.mlp.w13.weight"]["kind"] == "gate_up"
+        sp = "parallel.sequence_parallel=true" in LAYOUTS[layout]
+        assert meta["layout"]["tp"] == 2 and meta["sequence_parallel"] == sp
+        assert meta["tp_shards"]["layers.0.mlp.w3.weight"]["kind"] == "gate_up"
+        assert {"embed.weight", "layers.1.attn.wk.weight"} <= set(meta["tp_shards"])
         assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= set(meta["files"])
     run(sample_data, split, *LAYOUTS[layout], "trainer.resume=auto")
 
     want, got = train_losses(straight), train_losses(split)
     assert sorted(got) == list(range(1, 2 * N + 1))
     assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]  # bit-identical
+    if "parallel.pp=2" in LAYOUTS[layout]:  # every rank's log line shows the same loss
+        last = [
+            next(ln for ln in log.read_text().splitlines() if f"step {2 * N}/{2 * N}" in ln)
+            for log in sorted((split / "logs").glob("rank_*.log"))
+        ]
+        assert len(last) == 8 and len({ln.split("] ", 1)[1].split(" | lr")[0] for ln in last}) == 1
     final_val = [r["val_loss"] for r in read_metrics(straight) if "val_loss" in r][-1]
     assert [r["val_loss"] for r in read_metrics(split) if "val_loss" in r][-1] == final_val
 
