@@ -3,18 +3,19 @@
 depths and micro-batch counts, beside the 1F1B bubble (p-1)/(m+p-1). Measures, never asserts.
 
     python tools/bench/pipeline.py [--pp 2 4] [--micro-batches 1 2 4 8] [--steps 5]
-                                   [--world pp|run] [overrides ...]
+                                   [--world pp|run] [overrides (key=value, anywhere) ...]
 
 Each (pp, m) trains the real stack: `build_model` → `build_engine` (a DeepSpeed PipelineEngine,
 ZeRO 1) → `Trainer.train_step` (`engine.train_batch` over the bundled sample), with tp = dp = 1
 and `trainer.global_batch_size = m * micro_batch_size`, so m is DeepSpeed's accumulation count.
 Defaults (`DEFAULTS`; overrides go after them): `model=tiny` with 8 blocks (pp=4 gets 2 each),
 seq_len 128, micro batch 4, ZeRO 1; --pp 2 4, --micro-batches 1 2 4 8, --steps 5: about a minute
-on 2 idle cores. The blocks are balanced, but not the stages: the first also holds the embedding
-(a cheap lookup, but an optimizer update over vocab x dim weights), the last the final norm, the
-head (vocab x dim: about 1.2 blocks of matmul at these sizes) and the loss, so the last stage is
-the slowest and the others wait for it. The second table shows each stage's work, so the imbalance
-is visible, not folded into "idle".
+on 2 cores. The blocks are balanced, but not the stages: the first also holds the embedding (a
+cheap lookup, but an optimizer update over vocab x dim weights), the last the final norm, the head
+and the loss over a 4096-token vocabulary, which cost about two blocks' forward and backward here
+(measured: the last stage of pp=4 computes about twice as long as the middle ones), so the others
+wait for it. The second table shows each stage's work, so the imbalance is visible, not folded into
+"idle"; `parallel.pipeline_partition=parameters` moves blocks off the first and last stages.
 
 Timing, per rank: DeepSpeed's `_exec_schedule` dispatches each instruction through the class
 attribute `_INSTRUCTION_MAP` (plain functions bound with MethodType), never through the instance's
@@ -41,8 +42,8 @@ the measured idle mixes the bubble with CPU contention.
 
 Worlds: `--world pp` (default) spawns one world per pp and rebuilds model and engine for each m in
 it (DeepSpeed fixes the accumulation count at `initialize`); `--world run` spawns a fresh world per
-(pp, m). Both give the same rows; one world per pp is faster (it saves a spawn, the imports and the
-process-group set-up per row: with seq_len 64 / micro batch 2, 45 s against 149 s on 2 cores).
+(pp, m). Both give the same rows; one world per pp is faster: it saves a spawn, the imports and
+the process-group set-up per row (defaults on 2 busy cores: about 70 s against 180 s).
 """
 
 # ruff: noqa: E402  (sys.path is set before the megalite imports)
@@ -392,8 +393,15 @@ def main() -> None:
         "--world", choices=("pp", "run"), default="pp",
         help="one spawned world per pp (engine rebuilt per m), or one per (pp, m)",
     )  # fmt: skip
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.seq_len=128")
-    args = parser.parse_args()
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides (key=value, anywhere on the line)"
+    )
+    # The list options would swallow an override that follows them: key=value words are
+    # overrides wherever they stand.
+    argv = sys.argv[1:]
+    words = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in words])
+    args.overrides += words
     if min(args.pp) < 2 or min(args.micro_batches) < 1 or args.steps < 1:
         parser.error("need every pp >= 2, every micro-batch count >= 1 and steps >= 1")
     _quiet()
