@@ -32,6 +32,8 @@ PINNED = [
     "tqdm==4.70.1",
     "pytest==9.2.0",
     "ruff==0.17.6",
+    "safetensors==0.8.0",
+    "transformers==5.23.0",  # tests only: Hugging Face conversion parity
 ]
 DEMO = [
     "launch/pretrain.py",

@@ -1,17 +1,22 @@
 """The resumable training stream: prepared shards → packed token windows for one DP rank.
 
-An epoch is one global sequence of all N samples of a split: shards in a seeded order, and within
-each shard its samples in a seeded order (both keyed by `(seed, epoch)`, identity without
-`shuffle`). That sequence is cut into `dp_size` contiguous ranges (the first N % dp_size ranks get
-one sample more), so every sample is seen exactly once per epoch across ranks, and a rank opens
-only the shards that overlap its range. Sample counts come from the manifest: planning an epoch
-reads no shard.
+The stream is global and does not depend on the data-parallel layout, so that the global batch of
+a step, and hence its loss, is the same for any dp, and a run can resume with another dp. An epoch
+is all samples of a split in a seeded order: shards permuted by `(seed, "shards", epoch)`, the
+samples of each shard by `(seed, "samples", epoch, shard)` (identity without `shuffle`). Epochs
+follow one another in one endless token stream, cut into consecutive windows of `seq_len + 1`
+tokens (inputs and shifted targets) numbered w = 0, 1, 2, ...; a window may span samples, shards
+and epochs, so no token is dropped.
 
-A rank's samples, epoch after epoch, form one endless token stream, cut into consecutive windows of
-`seq_len + 1` tokens (inputs and shifted targets); `micro_batch_size` windows make a batch. A window
-may span samples, shards and epochs, so no token is dropped. Every batch ends on a window boundary,
-so the whole position is (epoch, sample index in the rank's range, token offset in that sample):
-that is the state, and resuming re-reads that one sample.
+The windows are consumed in DP rounds of `dp_size * micro_batch_size`: round k is windows
+[k·dp·mb, (k+1)·dp·mb), and rank r's micro-batch k is the r-th block of `mb` windows in it. A
+step of `accum` micro-batches per rank thus covers windows [step·G, (step+1)·G), G = accum·dp·mb,
+whatever dp (as long as dp·mb·accum is G). Every epoch holds the split's `T` tokens, so a token
+position p lies in epoch p // T; shard token counts come from the manifest, so locating a window
+reads no shard, and a rank opens only the shards its own windows overlap.
+
+The whole position is the global index of the next round's first window: that is the state, and it
+can be loaded by any layout whose round size divides it (a trainer saves at step boundaries).
 """
 
 from __future__ import annotations
@@ -26,15 +31,16 @@ import torch
 
 from megalite.data.manifest import DataError, Manifest, load_manifest, manifest_bytes, read_shard
 
-STATE_VERSION = 1
-_CHECKED = ("split", "seq_len", "dp_size", "dp_rank", "seed", "shuffle", "data")
+STATE_VERSION = 2
+_CHECKED = ("split", "seq_len", "seed", "shuffle", "data")
 
 
 class TokenStream:
     """Packed (micro_batch_size, seq_len + 1) int64 token windows for one data-parallel rank.
 
     Iterating yields batches forever; one iterator at a time (a new `iter()` continues from the
-    current position). `state_dict()` after a batch describes exactly the batches yielded so far.
+    current position). `state_dict()` after a batch describes exactly the rounds consumed so far;
+    the ranks of one layout, at the same step, give the same state.
     """
 
     def __init__(
@@ -58,20 +64,23 @@ class TokenStream:
         self._manifest = load_manifest(root)
         self._shards = self._manifest.split(split).shards
         self._paths = self._manifest.shards(split)
-        self._counts = np.array([s.samples for s in self._shards], dtype=np.int64)  # (n_shards,)
-        n = int(self._counts.sum())
-        if n < dp_size:
+        self._tokens = np.array([s.tokens for s in self._shards], dtype=np.int64)  # (n_shards,)
+        self._total = int(self._tokens.sum())  # T: tokens of every epoch
+        if self._total < seq_len + 1:
             raise DataError(
-                f"split {split!r} of {self._manifest.root} has {n} samples, fewer than "
-                f"dp_size={dp_size}: prepare it with smaller --sample-tokens (or more data)"
+                f"split {split!r} of {self._manifest.root} has {self._total} tokens, fewer than "
+                f"one window of seq_len + 1 = {seq_len + 1}: use a shorter seq_len (or more data)"
             )
         self.split, self.seq_len, self.micro_batch_size = split, seq_len, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle = int(seed), bool(shuffle)  # plain types: they key the order
-        self._start, self._stop = _rank_range(n, dp_rank, dp_size)
         self._data_id = hashlib.sha256(manifest_bytes(self._manifest)).hexdigest()[:16]
-        self._epoch, self._sample, self._offset = 0, 0, 0  # position of the next token
-        self._cached: tuple[int, list[np.ndarray]] | None = None  # (shard index, its samples)
+        self._round = dp_size * micro_batch_size  # windows all ranks consume per micro-batch
+        self._window = 0  # global index of the first window of the next round
+        # Caches for the epoch and shard being read; positions only move forward.
+        self._plan: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, order, bounds)
+        self._cached: tuple[int, list[np.ndarray], np.ndarray] | None = None  # shard, samples, lens
+        self._view: tuple[int, int, np.ndarray, np.ndarray] | None = None  # epoch, shard, ...
 
     @property
     def manifest(self) -> Manifest:
@@ -79,47 +88,49 @@ class TokenStream:
 
     @property
     def epoch(self) -> int:
-        """The epoch of the last token yielded (0 before the first batch)."""
-        return self._epoch
+        """The epoch of the last token of the rounds consumed (0 before the first batch).
+
+        A round is shared by all ranks, so every rank reports the same epoch; it is the epoch of
+        the last token yielded by the last rank (and by every rank when dp_size is 1).
+        """
+        return max(self._window * (self.seq_len + 1) - 1, 0) // self._total
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        need = self.micro_batch_size * (self.seq_len + 1)
-        pieces: list[np.ndarray] = []
-        have = 0
-        skip = self._offset
-        for epoch, index, tokens in self._samples_from(self._epoch, self._sample):
-            pieces.append(tokens[skip:])
-            have += len(tokens) - skip
-            skip = 0
-            while have >= need:
-                flat = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)  # (have,)
-                rest = flat[need:]  # a suffix of `tokens`: fewer than `need` came before it
-                pieces, have = [rest], len(rest)
-                self._epoch, self._sample, self._offset = epoch, index, len(tokens) - len(rest)
-                batch = flat[:need].astype(np.int64).reshape(self.micro_batch_size, -1)
-                yield torch.from_numpy(batch)  # (micro_batch_size, seq_len + 1)
+        width = self.seq_len + 1
+        mb = self.micro_batch_size
+        while True:
+            start = (self._window + self.dp_rank * mb) * width  # this rank's block of the round
+            flat = self._read(start, start + mb * width)  # (mb * width,)
+            self._window += self._round
+            yield torch.from_numpy(flat.astype(np.int64).reshape(mb, width))  # (mb, seq_len + 1)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "split": self.split,
             "seq_len": self.seq_len,
-            "micro_batch_size": self.micro_batch_size,  # informative: may change on resume
-            "dp_size": self.dp_size,
-            "dp_rank": self.dp_rank,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "data": self._data_id,
-            "epoch": self._epoch,
-            "sample": self._sample,
-            "offset": self._offset,
+            "window": self._window,  # the position: global index of the next round's first window
+            "epoch": self.epoch,  # informative, like the layout below: both may change on resume
+            "micro_batch_size": self.micro_batch_size,
+            "dp_size": self.dp_size,
+            "dp_rank": self.dp_rank,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where the stream that saved `state` stopped. Raises `DataError` if it was saved
-        with another layout (dp_size, dp_rank, seq_len, seed, shuffle, split) or other data."""
+        """Continue where the stream that saved `state` stopped, with this stream's layout.
+
+        dp_size, dp_rank and micro_batch_size may differ from the saver's, as long as the saved
+        position is a whole number of this layout's rounds. Raises `DataError` if it is not, or if
+        the state was saved with another split, seq_len, seed, shuffle or other data.
+        """
         if state.get("version") != STATE_VERSION:
-            raise DataError(f"data stream state version {state.get('version')!r} is not supported")
+            raise DataError(
+                f"data stream state version {state.get('version')!r} is not supported "
+                f"(this code reads version {STATE_VERSION})"
+            )
         mine = self.state_dict()
         for key in _CHECKED:
             saved, here = state.get(key), mine[key]
@@ -134,44 +145,75 @@ class TokenStream:
                 f"data stream state was saved with {key}={saved!r}, this stream has "
                 f"{key}={here!r}: resume with the same {key}"
             )
-        epoch, sample, offset = (int(state[k]) for k in ("epoch", "sample", "offset"))
-        if epoch < 0 or not 0 <= sample < self._stop - self._start or offset < 0:
-            raise DataError(f"data stream state position {epoch, sample, offset} is invalid")
-        self._epoch, self._sample, self._offset = epoch, sample, offset
+        window = state.get("window")
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise DataError(f"data stream state position window={window!r} is invalid")
+        if window % self._round:
+            raise DataError(
+                f"data stream state was saved at window {window}, which is not a whole number of "
+                f"rounds of dp_size × micro_batch_size = {self.dp_size} × "
+                f"{self.micro_batch_size} = {self._round} windows: resume from a step "
+                f"boundary with a layout whose round divides the global batch"
+            )
+        self._window = window
 
-    def _samples_from(self, epoch: int, sample: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(epoch, index in this rank's range, tokens) from a position on, forever."""
-        while True:
-            yield from self._epoch_samples(epoch, sample)
-            epoch, sample = epoch + 1, 0
-
-    def _epoch_samples(self, epoch: int, first: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        order = self._order(len(self._shards), "shards", epoch)  # (n_shards,)
-        bounds = np.concatenate([[0], np.cumsum(self._counts[order])])  # (n_shards + 1,)
-        g = self._start + first  # global index of the next sample in this epoch's sequence
-        k = int(np.searchsorted(bounds, g, side="right")) - 1  # position of its shard in `order`
-        while g < self._stop:
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the global stream (positions count from epoch 0's start)."""
+        pieces: list[np.ndarray] = []
+        while start < stop:
+            epoch, at = divmod(start, self._total)
+            order, bounds = self._epoch_plan(epoch)
+            k = int(np.searchsorted(bounds, at, side="right")) - 1  # position in `order`
             shard = int(order[k])
-            samples = self._load(shard)
-            within = self._order(len(samples), "samples", epoch, shard)
-            base, end = int(bounds[k]), min(int(bounds[k + 1]), self._stop)
-            for j in range(g - base, end - base):
-                yield epoch, base + j - self._start, samples[within[j]]
-            g, k = end, k + 1
+            samples, within, sample_bounds = self._shard_view(epoch, shard)
+            at -= int(bounds[k])  # offset in the shard's ordered tokens
+            end = min(at + stop - start, int(sample_bounds[-1]))
+            j = int(np.searchsorted(sample_bounds, at, side="right")) - 1
+            while at < end:
+                first = int(sample_bounds[j])
+                sample = samples[within[j]]
+                piece = sample[at - first : min(end - first, len(sample))]
+                pieces.append(piece)
+                at += len(piece)
+                start += len(piece)
+                j += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's shard order (n_shards,) and token offsets of its shards (n_shards + 1,),
+        from manifest counts alone."""
+        if self._plan is None or self._plan[0] != epoch:
+            order = self._order(len(self._shards), "shards", epoch)  # (n_shards,)
+            bounds = np.concatenate([[0], np.cumsum(self._tokens[order])])  # (n_shards + 1,)
+            self._plan = (epoch, order, bounds)
+        return self._plan[1], self._plan[2]
+
+    def _shard_view(
+        self, epoch: int, shard: int
+    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """The shard's samples, their order in `epoch` (n,) and token offsets in that order
+        (n + 1,). Offsets use the samples' real lengths, so they hold for any sample cut."""
+        samples, lengths = self._load(shard)
+        if self._view is None or self._view[:2] != (epoch, shard):
+            within = self._order(len(samples), "samples", epoch, shard)  # (n,)
+            offsets = np.concatenate([[0], np.cumsum(lengths[within])])  # (n + 1,)
+            self._view = (epoch, shard, within, offsets)
+        return samples, self._view[2], self._view[3]
 
     def _order(self, n: int, *key: str | int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(n)
         return permutation(n, self.seed, *key)
 
-    def _load(self, shard: int) -> list[np.ndarray]:
+    def _load(self, shard: int) -> tuple[list[np.ndarray], np.ndarray]:
         if self._cached is None or self._cached[0] != shard:
             self._cached = None  # free the previous shard before reading the next
             samples = read_shard(
                 self._paths[shard], self._shards[shard], dtype=self._manifest.dtype
             )
-            self._cached = (shard, samples)
-        return self._cached[1]
+            lengths = np.array([len(s) for s in samples], dtype=np.int64)  # (n,)
+            self._cached = (shard, samples, lengths)
+        return self._cached[1], self._cached[2]
 
 
 def permutation(n: int, *key: str | int) -> np.ndarray:
@@ -188,11 +230,3 @@ def permutation(n: int, *key: str | int) -> np.ndarray:
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         x ^= x >> np.uint64(31)
     return np.argsort(x, kind="stable")
-
-
-def _rank_range(n: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
-    """[start, stop) of `dp_rank`'s contiguous share of n samples; the first n % dp_size get one
-    more."""
-    base, extra = divmod(n, dp_size)
-    start = dp_rank * base + min(dp_rank, extra)
-    return start, start + base + (dp_rank < extra)

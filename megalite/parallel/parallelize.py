@@ -243,16 +243,24 @@ def _gather(model: nn.Module, group, *, grads: bool) -> dict[str, torch.Tensor]:
             continue
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, t.contiguous(), group=group)
-        if shard.kind == "cols":
-            out[shard.names[0]] = torch.cat(parts, dim=1)
-        elif shard.kind == "rows":
-            out[shard.names[0]] = torch.cat(parts)
-        elif shard.kind == "vocab":
-            out[shard.names[0]] = torch.cat(parts)[: shard.full_rows]
-        elif shard.kind == "kv":
-            out[shard.names[0]] = torch.cat(parts[:: shard.replicas])
-        elif shard.kind == "gate_up":
-            halves = [p.chunk(2) for p in parts]
-            out[shard.names[0]] = torch.cat([h[0] for h in halves])
-            out[shard.names[1]] = torch.cat([h[1] for h in halves])
+        out.update(merge_shards(parts, shard))
     return out
+
+
+def merge_shards(parts: list[torch.Tensor], shard: TPShard) -> dict[str, torch.Tensor]:
+    """The full tensor(s), by plain name, of one parameter's shards from TP ranks 0..tp-1."""
+    if shard.kind == "cols":
+        return {shard.names[0]: torch.cat(parts, dim=1)}
+    if shard.kind == "rows":
+        return {shard.names[0]: torch.cat(parts)}
+    if shard.kind == "vocab":
+        return {shard.names[0]: torch.cat(parts)[: shard.full_rows]}
+    if shard.kind == "kv":
+        return {shard.names[0]: torch.cat(parts[:: shard.replicas])}
+    if shard.kind == "gate_up":
+        halves = [p.chunk(2) for p in parts]
+        return {
+            shard.names[0]: torch.cat([h[0] for h in halves]),
+            shard.names[1]: torch.cat([h[1] for h in halves]),
+        }
+    raise ValueError(f"unknown shard kind {shard.kind!r}")

@@ -1,0 +1,74 @@
+"""`python tools/convert.py` / `megalite-convert`: look into checkpoints and convert them.
+
+inspect CKPT                     layout, step, tokens, tensors, shapes and sizes
+to-hf --src CKPT --dst DIR       a Hugging Face LlamaForCausalLM folder (any source layout)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from megalite.checkpoint.store import CheckpointError
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from megalite.checkpoint.reader import CheckpointReader
+
+    reader = CheckpointReader(args.ckpt)
+    meta, m = reader.meta, reader.model
+    total_files = sum(meta["files"].values())
+    print(f"checkpoint   {reader.path}")
+    print(f"step         {meta['step']}   tokens {meta['consumed_tokens']:,}")
+    print(
+        f"layout       tp={reader.tp} pp={reader.pp} dp={reader.dp}  "
+        f"ZeRO {meta.get('zero_stage')}  sequence_parallel={meta.get('sequence_parallel', False)}"
+    )
+    print(
+        f"model        {m.name}: dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads "
+        f"({m.n_kv_heads} kv), ffn {m.ffn_dim}, vocab {m.vocab_size}, "
+        f"{'tied' if m.tie_embeddings else 'untied'}"
+    )
+    print(f"files        {len(meta['files'])}, {total_files / 2**20:,.1f} MiB")
+    print(f"\n{'tensor':<40}{'shape':>20}{'MiB (fp32)':>12}")
+    params = 0
+    for name, t in reader.tensors("param"):
+        params += t.numel()
+        print(f"{name:<40}{str(tuple(t.shape)):>20}{t.numel() * 4 / 2**20:>12.2f}")
+    print(f"{'total':<40}{params:>20,}{params * 4 / 2**20:>12.2f}")
+
+
+def _to_hf(args: argparse.Namespace) -> None:
+    from megalite.checkpoint.hf import export_hf
+
+    summary = export_hf(args.src, args.dst, dtype=args.dtype, progress=not args.quiet)
+    print(
+        f"{'tensors':<10}{summary['tensors']}\n{'bytes':<10}{summary['bytes']:,}\n"
+        f"{'files':<10}{summary['files']}\n{'written':<10}{summary['dst']}"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megalite-convert", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    ins = sub.add_parser("inspect", help="print a checkpoint's layout and tensors")
+    ins.add_argument("ckpt")
+    ins.set_defaults(run=_inspect)
+    hf = sub.add_parser("to-hf", help="export a Hugging Face LlamaForCausalLM folder")
+    hf.add_argument("--src", required=True, help="a committed checkpoint folder")
+    hf.add_argument("--dst", required=True, help="a new folder")
+    hf.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    hf.add_argument("--quiet", action="store_true", help="no progress bar")
+    hf.set_defaults(run=_to_hf)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except CheckpointError as e:
+        print(f"megalite-convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,169 @@
+"""Export a megalite checkpoint (any layout) as a Hugging Face `LlamaForCausalLM` folder.
+
+The plain model is Llama's parameter set with Hugging Face's rotate-half RoPE layout, so the export
+is a renaming: no permutation of q/k rows. Tensors are streamed from `CheckpointReader` one at a
+time into safetensors files of at most `max_shard_bytes` (plus an index when there are several),
+written into a temporary folder that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from megalite.checkpoint.reader import CheckpointReader
+from megalite.checkpoint.store import CheckpointError
+from megalite.config import ModelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.wq.weight": "self_attn.q_proj.weight",
+    "attn.wk.weight": "self_attn.k_proj.weight",
+    "attn.wv.weight": "self_attn.v_proj.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.w1.weight": "mlp.gate_proj.weight",
+    "mlp.w3.weight": "mlp.up_proj.weight",
+    "mlp.w2.weight": "mlp.down_proj.weight",
+}
+
+
+def hf_name(plain: str) -> str:
+    if plain == "embed.weight":
+        return "model.embed_tokens.weight"
+    if plain == "norm.weight":
+        return "model.norm.weight"
+    if plain == "head.weight":
+        return "lm_head.weight"
+    _, index, rest = plain.split(".", 2)  # layers.<i>.<rest>
+    return f"model.layers.{index}.{_LAYER[rest]}"
+
+
+def hf_config(m: ModelConfig, *, dtype: str, eos_token_id: int | None) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.dim,
+        "intermediate_size": m.ffn_dim,
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.n_kv_heads,
+        "head_dim": m.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.max_seq_len,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "tie_word_embeddings": m.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
+        "bos_token_id": None,
+        "eos_token_id": eos_token_id,
+    }
+
+
+def narrow(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast, refusing values the narrower type cannot hold (they would become inf)."""
+    if dtype != torch.float32:
+        limit = torch.finfo(dtype).max
+        biggest = float(t.abs().max()) if t.numel() else 0.0
+        if biggest > limit:
+            raise CheckpointError(
+                f"{name} holds {biggest:.3g}, beyond {dtype} (max {limit:.3g}): use --dtype fp32"
+            )
+    return t.to(dtype).contiguous()
+
+
+def _shards(
+    tensors: Iterator[tuple[str, torch.Tensor]], max_bytes: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = t
+        size += nbytes
+    if shard:
+        yield shard
+
+
+def export_hf(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    dtype: str = "fp32",
+    max_shard_bytes: int = 5 * 2**30,
+    progress: bool = True,
+) -> dict[str, object]:
+    """Write `dst` (must not exist) from checkpoint `src`; returns a summary."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    reader = CheckpointReader(src)
+    dst = Path(dst)
+    if dst.exists():
+        raise CheckpointError(f"{dst} exists: choose a new destination")
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = reader.names()
+    bar = tqdm(total=len(names), desc="to-hf", unit="tensor", disable=not progress)
+
+    def converted() -> Iterator[tuple[str, torch.Tensor]]:
+        for plain, t in reader.tensors("param"):
+            bar.update()
+            yield hf_name(plain), narrow(plain, t, DTYPES[dtype])
+
+    files: list[tuple[str, list[str]]] = []
+    total = 0
+    for i, shard in enumerate(_shards(converted(), max_shard_bytes)):
+        name = f"part-{i:05d}.safetensors"
+        save_file(shard, tmp / name, metadata={"format": "pt"})
+        files.append((name, list(shard)))
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    bar.close()
+    _name_files(tmp, files, total)
+    eos = _copy_tokenizer(reader, tmp)
+    cfg = hf_config(reader.model, dtype=dtype, eos_token_id=eos)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    os.rename(tmp, dst)
+    return {"tensors": len(names), "bytes": total, "files": len(files), "dst": str(dst)}
+
+
+def _name_files(folder: Path, files: list[tuple[str, list[str]]], total: int) -> None:
+    """HF's names: model.safetensors, or model-0000i-of-0000n.safetensors plus an index."""
+    if len(files) == 1:
+        os.rename(folder / files[0][0], folder / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (name, tensors) in enumerate(files):
+        final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        os.rename(folder / name, folder / final)
+        weight_map.update({t: final for t in tensors})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _copy_tokenizer(reader: CheckpointReader, folder: Path) -> int | None:
+    """The run's tokenizer.json, if its data folder is still there; returns the EOS id."""
+    data = reader.meta.get("data_path")
+    manifest = Path(data) / "manifest.json" if data else None
+    if manifest is None or not manifest.is_file():
+        return None
+    info = json.loads(manifest.read_text())
+    shutil.copy(Path(data) / info.get("tokenizer", "tokenizer.json"), folder / "tokenizer.json")
+    eos = info.get("eod_token", "<|endoftext|>")
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    return info.get("eod_token_id")

@@ -1,0 +1,186 @@
+"""Read a committed megalite checkpoint of any layout as full tensors of the plain model.
+
+A checkpoint holds, per model-parallel rank (a (pp, tp) pair), DeepSpeed's files: with ZeRO 1/2 the
+fp32 master weights and Adam moments as flat partitions, one file per DP rank, with each
+parameter's fragment in `param_slice_mappings`; with ZeRO 0 the weights in the module state dict and
+the torch optimizer's state. This module undoes all three cuts — DP partitions (concatenate the
+fragments), TP shards (`merge_shards`, driven by the shard specs in meta.json) and pipeline stages
+(module names such as `3.attn.wq.weight` back to `layers.2.attn.wq.weight`) — and yields one plain
+tensor at a time. Files are memory-mapped, so peak memory stays near one tensor's shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megalite.checkpoint import store
+from megalite.checkpoint.store import CheckpointError
+from megalite.config import ModelConfig
+from megalite.model.llama import Llama
+from megalite.parallel.parallelize import merge_shards
+from megalite.parallel.tp_layers import TPShard
+
+KINDS = ("param", "exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class Local:
+    """Where one module parameter of one model-parallel rank lives."""
+
+    pp_rank: int
+    tp_rank: int
+    module_name: str
+
+
+class CheckpointReader:
+    def __init__(self, ckpt: str | Path) -> None:
+        self.path = Path(ckpt)
+        self.meta = store.read_meta(self.path)
+        self.model = ModelConfig(**self.meta["model"])
+        layout = self.meta["layout"]
+        self.tp, self.pp, self.dp = layout["tp"], layout["pp"], layout["dp"]
+        self.specs = {k: TPShard(**{**v, "names": tuple(v["names"])}) for k, v in
+                      self.meta.get("tp_shards", {}).items()}  # fmt: skip
+        self.zero = any(name.startswith("zero_pp_rank_") for name in self.meta["files"])
+        self._index = self._build_index()
+
+    # ---- naming -------------------------------------------------------------------------
+
+    def _mp_rank(self, pp_rank: int, tp_rank: int) -> int:
+        return pp_rank * self.tp + tp_rank
+
+    def plain_base(self, module_name: str) -> str:
+        """The plain name a module parameter stands for (the first, for a fused gate/up)."""
+        name = module_name.replace("mlp.w13.weight", "mlp.w1.weight")
+        if self.pp == 1:
+            return name
+        if name.startswith("tied_modules.embed."):
+            return "embed.weight"
+        index, _, rest = name.partition(".")
+        i, n = int(index), self.model.n_layers
+        if i == 0:
+            return f"embed.{rest}"
+        if i <= n:
+            return f"layers.{i - 1}.{rest}"
+        return f"norm.{rest}" if i == n + 1 else f"head.{rest}"
+
+    def _build_index(self) -> dict[str, list[Local]]:
+        """plain base name → its locals on TP ranks 0..tp-1 (first pipeline stage holding it),
+        in the plain model's parameter order."""
+        index: dict[str, list[Local]] = {}
+        for pp_rank in range(self.pp):
+            for tp_rank in range(self.tp):
+                for module_name in self._param_shapes(pp_rank, tp_rank):
+                    base = self.plain_base(module_name)
+                    locs = index.setdefault(base, [])
+                    if len(locs) < self.tp and all(loc.tp_rank != tp_rank for loc in locs):
+                        locs.append(Local(pp_rank, tp_rank, module_name))
+        order = {
+            name: i
+            for i, (name, _) in enumerate(Llama(self.model, device="meta").named_parameters())
+        }
+        return dict(sorted(index.items(), key=lambda kv: order[kv[0]]))
+
+    def names(self) -> list[str]:
+        """Every plain parameter name, in the plain model's order."""
+        out = []
+        for base in self._index:
+            spec = self.specs.get(base)
+            out.extend(spec.names if spec else (base,))
+        return out
+
+    # ---- files ----------------------------------------------------------------------------
+
+    @cache  # noqa: B019 (one reader per conversion; the cache holds mmapped file handles)
+    def _load(self, filename: str) -> Any:
+        path = self.path / filename
+        if not path.is_file():
+            raise CheckpointError(f"{self.path}: missing file {filename}")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:  # a truncated zip, a garbled pickle
+            raise CheckpointError(f"{self.path}: cannot read {filename}: {e}") from e
+
+    def _model_states(self, pp_rank: int, tp_rank: int) -> dict[str, Any]:
+        return self._load(f"mp_rank_{self._mp_rank(pp_rank, tp_rank):02d}_model_states.pt")
+
+    def _param_shapes(self, pp_rank: int, tp_rank: int) -> dict[str, torch.Size]:
+        states = self._model_states(pp_rank, tp_rank)
+        if self.zero:
+            return {k: v for group in states["param_shapes"] for k, v in group.items()}
+        return {k: v.shape for k, v in self._module_state(pp_rank, tp_rank).items()}
+
+    def _module_state(self, pp_rank: int, tp_rank: int) -> dict[str, torch.Tensor]:
+        if self.pp == 1:
+            return self._model_states(pp_rank, tp_rank)["module"]
+        out = {}
+        for f in sorted(self.path.glob(f"layer_*-model_{tp_rank:02d}-model_states.pt")):
+            layer = int(f.name.split("-")[0].split("_")[1])
+            state = self._load(f.name)
+            out.update({f"{layer}.{k}": v for k, v in state.items()})
+        return out
+
+    # ---- tensors --------------------------------------------------------------------------
+
+    def _local(self, loc: Local, kind: str) -> torch.Tensor:
+        shape = self._param_shapes(loc.pp_rank, loc.tp_rank)[loc.module_name]
+        if self.zero:
+            return self._zero_local(loc, kind).view(shape)
+        if kind == "param":
+            return self._module_state(loc.pp_rank, loc.tp_rank)[loc.module_name].float()
+        return self._torch_optim_state(loc)[kind].view(shape)
+
+    def _zero_local(self, loc: Local, kind: str) -> torch.Tensor:
+        """Concatenate a parameter's fragments from the DP partitions (ZeRO 1/2)."""
+        pieces = []
+        mp = self._mp_rank(loc.pp_rank, loc.tp_rank)
+        for dp_rank in range(self.dp):
+            osd = self._load(f"zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt")
+            osd = osd["optimizer_state_dict"]
+            for group, mapping in enumerate(osd["param_slice_mappings"]):
+                frag = mapping.get(loc.module_name)
+                if frag is None:
+                    continue
+                if kind == "param":
+                    flat = osd["single_partition_of_fp32_groups"][group]
+                else:
+                    flat = osd["base_optimizer_state"]["state"][group][kind]
+                pieces.append(flat[frag.start : frag.start + frag.numel])
+        return torch.cat(pieces)
+
+    def _torch_optim_state(self, loc: Local) -> dict[str, torch.Tensor]:
+        """ZeRO 0: the torch AdamW state, whose parameter ids follow `param_groups` (sorted
+        names, matrices then vectors; see parallel/engine.py)."""
+        optim = self._model_states(loc.pp_rank, loc.tp_rank)["optimizer"]
+        shapes = self._param_shapes(loc.pp_rank, loc.tp_rank)
+        ordered = sorted(shapes)
+        order = [n for n in ordered if len(shapes[n]) >= 2] + [
+            n for n in ordered if len(shapes[n]) < 2
+        ]
+        return optim["state"][order.index(loc.module_name)]
+
+    def step_count(self) -> int:
+        """The optimizer's step counter."""
+        if self.zero:
+            osd = self._load("zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+            return int(osd["base_optimizer_state"]["state"][0]["step"])
+        state = self._model_states(0, 0)["optimizer"]["state"]
+        return int(next(iter(state.values()))["step"]) if state else 0
+
+    def tensors(self, kind: str = "param") -> Iterator[tuple[str, torch.Tensor]]:
+        """(plain name, full fp32 tensor) for every parameter, one at a time."""
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r}: use one of {KINDS}")
+        for base, locs in self._index.items():
+            spec = self.specs.get(base)
+            if spec is None:
+                yield base, self._local(locs[0], kind).clone()
+                continue
+            parts = [self._local(loc, kind) for loc in sorted(locs, key=lambda x: x.tp_rank)]
+            yield from merge_shards(parts, spec).items()
