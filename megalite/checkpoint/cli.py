@@ -49,6 +49,26 @@ def _to_hf(args: argparse.Namespace) -> None:
     )
 
 
+def _reshard(args: argparse.Namespace) -> None:
+    from megalite.checkpoint.reader import CheckpointReader
+    from megalite.checkpoint.universal import write_universal
+    from megalite.config import ConfigError, ParallelConfig, validate_parallel
+
+    source = CheckpointReader(args.src)
+    layout = {"tp": args.tp, "pp": args.pp, "dp": args.dp or source.dp}
+    try:
+        validate_parallel(ParallelConfig(**layout, zero_stage=0), source.model)
+    except ConfigError as e:
+        raise CheckpointError(f"the model cannot take tp={args.tp} pp={args.pp}: {e}") from e
+    summary = write_universal(args.src, args.dst, layout=layout, progress=not args.quiet)
+    print(
+        f"{'tensors':<10}{summary['tensors']} x (weights, exp_avg, exp_avg_sq)\n"
+        f"{'bytes':<10}{summary['bytes']:,}\n{'layout':<10}{source.meta['layout']} -> {layout}\n"
+        f"{'written':<10}{summary['dst']}  (resume with trainer.resume={summary['dst']} "
+        f"parallel.tp={layout['tp']} parallel.pp={layout['pp']} parallel.dp={layout['dp']})"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megalite-convert", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,6 +81,14 @@ def parser() -> argparse.ArgumentParser:
     hf.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     hf.add_argument("--quiet", action="store_true", help="no progress bar")
     hf.set_defaults(run=_to_hf)
+    rs = sub.add_parser("reshard", help="rewrite a checkpoint for another TP/PP/DP layout")
+    rs.add_argument("--src", required=True, help="a committed checkpoint folder")
+    rs.add_argument("--dst", required=True, help="a new folder")
+    rs.add_argument("--tp", type=int, required=True)
+    rs.add_argument("--pp", type=int, required=True)
+    rs.add_argument("--dp", type=int, default=None, help="default: the source's")
+    rs.add_argument("--quiet", action="store_true", help="no progress bar")
+    rs.set_defaults(run=_reshard)
     return p
 
 

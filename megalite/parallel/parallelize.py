@@ -209,6 +209,14 @@ def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, pad])  # (rows, ...)
 
 
+def tag_plain_names(model: Llama) -> None:
+    """Record each unsharded parameter's plain name on it (sharded ones carry `tp_shard`), so
+    checkpoint tools can find it whatever module (e.g. a pipeline stage) holds it later."""
+    for name, p in model.named_parameters():
+        if getattr(p, "tp_shard", None) is None:
+            p.plain_name = name
+
+
 def shard_specs(model: nn.Module) -> dict[str, dict[str, object]]:
     """How this rank's TP-sharded parameters map to the plain model's tensors, keyed by the plain
     names (so a pipeline stage's module names do not matter); JSON-ready, for checkpoint

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megalite.checkpoint import training
+from megalite.checkpoint import store, training, universal
 from megalite.config import Config
 from megalite.data.stream import TokenStream
 from megalite.model.flops import flops_per_token
@@ -103,7 +103,12 @@ class Trainer:
     # ---- state ----------------------------------------------------------------------------
 
     def resume(self, ckpt: Path) -> None:
-        state = training.load(self.engine, ckpt, global_rank=self.dims.global_rank)
+        if universal.is_universal(store.read_meta(ckpt)):  # written by `convert.py reshard`
+            state = universal.load_universal(
+                self.engine, ckpt, tp=self.dims.tp, tp_rank=self.dims.tp_rank
+            )
+        else:
+            state = training.load(self.engine, ckpt, global_rank=self.dims.global_rank)
         self.step = state["step"]
         self.consumed_tokens = state["consumed_tokens"]
         self.initial_val_loss = state.get("initial_val_loss")

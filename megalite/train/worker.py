@@ -26,7 +26,7 @@ from megalite.model.llama import Llama
 from megalite.parallel.checkpointing import apply_ac
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine, effective_zero_stage
-from megalite.parallel.parallelize import LossFn, apply_tp, head_entry
+from megalite.parallel.parallelize import LossFn, apply_tp, head_entry, tag_plain_names
 from megalite.parallel.pipeline import bubble_fraction, build_pipeline
 from megalite.train.logbook import Logbook
 from megalite.train.trainer import Trainer
@@ -72,6 +72,7 @@ def build_model(cfg: Config, dims: ParallelDims) -> tuple[torch.nn.Module, LossF
     seed_everything(cfg.trainer.seed)  # the same full initial weights on every rank
     model = Llama(cfg.model)
     loss_fn = apply_tp(model, dims, sequence_parallel=p.sequence_parallel)
+    tag_plain_names(model)
     apply_ac(model, p.activation_checkpointing)
     if p.pp == 1:
         return model, loss_fn

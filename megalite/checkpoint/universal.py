@@ -1,0 +1,184 @@
+"""Layout-free checkpoints: every parameter's full fp32 weight and Adam moments, by plain name.
+
+`write_universal` turns a checkpoint of any layout into one (tensor by tensor, through
+`CheckpointReader`); `load_universal` puts one into a freshly built engine of any layout: each
+rank cuts its TP shard from the full tensors (`local_shard`, the inverse of `merge_shards`) and
+DeepSpeed's fragment API places it in the ZeRO partition this DP rank owns. The data-stream
+position is DP-invariant (see data/stream.py), so one saved position serves every new rank.
+
+Folder: `meta.json` (format, step, tokens, model, target layout, optimizer step, LR scheduler and
+data-stream state, file sizes) and `tensors/<plain name>.<kind>.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megalite.checkpoint import store
+from megalite.checkpoint.reader import KINDS, CheckpointReader
+from megalite.checkpoint.store import CheckpointError
+from megalite.parallel.tp_layers import TPShard
+
+FORMAT = "megalite-universal-1"
+
+
+def is_universal(meta: dict[str, Any]) -> bool:
+    return meta.get("format") == FORMAT
+
+
+def tensor_file(name: str, kind: str) -> str:
+    return f"tensors/{name}.{kind}.safetensors"
+
+
+def write_universal(
+    src: str | Path, dst: str | Path, *, layout: dict[str, int], progress: bool = True
+) -> dict[str, Any]:
+    """Write `dst` (must not exist) from checkpoint `src`, for a run with `layout`."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    reader = CheckpointReader(src)
+    dst = Path(dst)
+    if dst.exists():
+        raise CheckpointError(f"{dst} exists: choose a new destination")
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "tensors").mkdir(parents=True)
+    names = reader.names()
+    bar = tqdm(total=len(names) * len(KINDS), desc="reshard", unit="tensor", disable=not progress)
+    total = 0
+    for kind in KINDS:
+        for name, t in reader.tensors(kind):
+            save_file({"t": t.contiguous()}, tmp / tensor_file(name, kind))
+            total += t.numel() * t.element_size()
+            bar.update()
+    bar.close()
+    meta = _universal_meta(reader, layout)
+    meta["files"] = {
+        str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+    }
+    (tmp / store.META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.rename(tmp, dst)
+    return {"tensors": len(names), "bytes": total, "dst": str(dst)}
+
+
+def _universal_meta(reader: CheckpointReader, layout: dict[str, int]) -> dict[str, Any]:
+    src = reader.meta
+    rank0 = torch.load(reader.path / store.rank_file(0), weights_only=False)
+    model_states = reader._model_states(0, 0)
+    return {
+        "format": FORMAT,
+        "step": src["step"],
+        "consumed_tokens": src["consumed_tokens"],
+        "model": src["model"],
+        "layout": layout,
+        "source_layout": src["layout"],
+        "precision": src.get("precision", "fp32"),
+        "data_path": src.get("data_path"),
+        "config": src.get("config"),
+        "wandb_run_id": src.get("wandb_run_id"),
+        "optimizer_step": reader.step_count(),
+        "lr_scheduler": model_states.get("lr_scheduler"),
+        "global_steps": model_states.get("global_steps", src["step"]),
+        "global_samples": model_states.get("global_samples", 0),
+        "rank_state": {k: v for k, v in rank0.items() if k != "rng"},
+        "tp_shards": {},
+        "zero_stage": src.get("zero_stage"),
+    }
+
+
+# ---- loading into an engine --------------------------------------------------------------
+
+
+def local_shard(full: dict[str, torch.Tensor], shard: TPShard, *, tp: int, tp_rank: int):
+    """This TP rank's slice of the full tensor(s) `shard.names` (the inverse of merge_shards)."""
+
+    def part(n: int) -> slice:
+        return slice(tp_rank * n // tp, (tp_rank + 1) * n // tp)
+
+    t = full[shard.names[0]]
+    if shard.kind == "full":
+        return t
+    if shard.kind == "rows":
+        return t[part(t.shape[0])]
+    if shard.kind == "cols":
+        return t[:, part(t.shape[1])]
+    if shard.kind == "vocab":
+        padded = -(-t.shape[0] // tp) * tp
+        t = torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])])
+        return t[part(padded)]
+    if shard.kind == "kv":
+        if shard.replicas == 1:
+            return t[part(t.shape[0])]
+        heads = tp // shard.replicas
+        head = tp_rank // shard.replicas
+        rows = t.shape[0] // heads
+        return t[head * rows : (head + 1) * rows]
+    if shard.kind == "gate_up":
+        up = full[shard.names[1]]
+        return torch.cat([t[part(t.shape[0])], up[part(up.shape[0])]])
+    raise ValueError(f"unknown shard kind {shard.kind!r}")
+
+
+def _read(ckpt: Path, name: str, kind: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(ckpt / tensor_file(name, kind))["t"]
+
+
+def load_universal(engine: Any, ckpt: Path, *, tp: int, tp_rank: int) -> dict[str, Any]:
+    """Fill `engine` (any layout) from universal checkpoint `ckpt`; returns the saved rank state."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    meta = store.read_meta(ckpt)
+    step = float(meta["optimizer_step"])
+    zero = hasattr(engine.optimizer, "single_partition_of_fp32_groups")
+    if zero:
+        _init_zero_adam_state(engine.optimizer, step)
+    for p in engine.module.parameters():
+        shard: TPShard = getattr(p, "tp_shard", None) or TPShard("full", (p.plain_name,))
+        values = {}
+        for kind in KINDS:
+            full = {n: _read(ckpt, n, kind) for n in shard.names}
+            values[kind] = local_shard(full, shard, tp=tp, tp_rank=tp_rank).reshape(p.shape)
+        with torch.no_grad():
+            p.copy_(values["param"].to(p.dtype))
+        if zero:
+            safe_set_full_fp32_param(p, values["param"])
+            for kind in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, values[kind], kind)
+        else:
+            state = engine.optimizer.state[p]
+            state["step"] = torch.tensor(step)
+            state["exp_avg"] = values["exp_avg"].clone()
+            state["exp_avg_sq"] = values["exp_avg_sq"].clone()
+    if meta.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        # The schedule writes the lr into the optimizer only when it steps: do it now.
+        for group, lr in zip(
+            engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True
+        ):
+            group["lr"] = lr
+    engine.global_steps = meta["global_steps"]
+    engine.global_samples = meta["global_samples"]
+    return meta["rank_state"]
+
+
+def _init_zero_adam_state(zero_optimizer: Any, step: float) -> None:
+    """Create the Adam state of each flat fp32 partition (torch creates it lazily at the first
+    step) and link DeepSpeed's per-parameter fragments to it."""
+    base = zero_optimizer.optimizer
+    for flat in zero_optimizer.single_partition_of_fp32_groups:
+        base.state[flat] = {
+            "step": torch.tensor(step),
+            "exp_avg": torch.zeros_like(flat),
+            "exp_avg_sq": torch.zeros_like(flat),
+        }
+    zero_optimizer._hp_optimizer_states_linked = False
+    zero_optimizer._lazy_init_hp_params_optimizer_state()
