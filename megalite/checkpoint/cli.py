@@ -52,20 +52,49 @@ def _to_hf(args: argparse.Namespace) -> None:
 def _reshard(args: argparse.Namespace) -> None:
     from megalite.checkpoint.reader import CheckpointReader
     from megalite.checkpoint.universal import write_universal
-    from megalite.config import ConfigError, ParallelConfig, validate_parallel
 
     source = CheckpointReader(args.src)
     layout = {"tp": args.tp, "pp": args.pp, "dp": args.dp or source.dp}
-    try:
-        validate_parallel(ParallelConfig(**layout, zero_stage=0), source.model)
-    except ConfigError as e:
-        raise CheckpointError(f"the model cannot take tp={args.tp} pp={args.pp}: {e}") from e
+    _check_layout(source.model, layout)
     summary = write_universal(args.src, args.dst, layout=layout, progress=not args.quiet)
     print(
         f"{'tensors':<10}{summary['tensors']} x (weights, exp_avg, exp_avg_sq)\n"
         f"{'bytes':<10}{summary['bytes']:,}\n{'layout':<10}{source.meta['layout']} -> {layout}\n"
         f"{'written':<10}{summary['dst']}  (resume with trainer.resume={summary['dst']} "
         f"parallel.tp={layout['tp']} parallel.pp={layout['pp']} parallel.dp={layout['dp']})"
+    )
+
+
+def _check_layout(model, layout: dict[str, int]) -> None:
+    from megalite.config import ConfigError, ParallelConfig, validate_parallel
+
+    try:
+        validate_parallel(ParallelConfig(**layout, zero_stage=0), model)
+    except ConfigError as e:
+        raise CheckpointError(
+            f"the model cannot take tp={layout['tp']} pp={layout['pp']}: {e}"
+        ) from e
+
+
+def _from_hf(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from megalite.checkpoint.hf import import_hf, model_config_from_hf
+
+    config = Path(args.src) / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{args.src} has no config.json: not a Hugging Face model folder")
+    layout = {"tp": args.tp, "pp": args.pp, "dp": args.dp}
+    _check_layout(model_config_from_hf(json.loads(config.read_text()), name="hf"), layout)
+    summary = import_hf(args.src, args.dst, layout=layout, progress=not args.quiet)
+    m = summary["model"]
+    print(
+        f"{'tensors':<10}{summary['tensors']}\n{'bytes':<10}{summary['bytes']:,}\n"
+        f"{'written':<10}{summary['dst']}\n{'model':<10}{summary['dst']}/model.yaml "
+        f"(copy it to conf/model/{m.name}.yaml)\nresume with: model={m.name} "
+        f"trainer.resume={summary['dst']} parallel.tp={args.tp} parallel.pp={args.pp} "
+        f"parallel.dp={args.dp}"
     )
 
 
@@ -89,6 +118,14 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("--dp", type=int, default=None, help="default: the source's")
     rs.add_argument("--quiet", action="store_true", help="no progress bar")
     rs.set_defaults(run=_reshard)
+    fh = sub.add_parser("from-hf", help="a checkpoint from a Hugging Face Llama folder")
+    fh.add_argument("--src", required=True, help="a folder with config.json + safetensors")
+    fh.add_argument("--dst", required=True, help="a new folder")
+    fh.add_argument("--tp", type=int, default=1)
+    fh.add_argument("--pp", type=int, default=1)
+    fh.add_argument("--dp", type=int, default=1)
+    fh.add_argument("--quiet", action="store_true", help="no progress bar")
+    fh.set_defaults(run=_from_hf)
     return p
 
 

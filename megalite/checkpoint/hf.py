@@ -1,4 +1,5 @@
-"""Export a megalite checkpoint (any layout) as a Hugging Face `LlamaForCausalLM` folder.
+"""Hugging Face Llama ↔ megalite: `export_hf` (any layout → `LlamaForCausalLM` folder) and
+`import_hf` (a Llama-family folder → a layout-free megalite checkpoint to continue pretraining).
 
 The plain model is Llama's parameter set with Hugging Face's rotate-half RoPE layout, so the export
 is a renaming: no permutation of q/k rows. Tensors are streamed from `CheckpointReader` one at a
@@ -167,3 +168,131 @@ def _copy_tokenizer(reader: CheckpointReader, folder: Path) -> int | None:
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos}
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     return info.get("eod_token_id")
+
+
+# ---- import ------------------------------------------------------------------------------
+
+SUPPORTED = ("LlamaForCausalLM",)
+
+
+def model_config_from_hf(cfg: dict, *, name: str) -> ModelConfig:
+    """Our ModelConfig for an HF Llama config.json; refuses what our model cannot represent."""
+    arch = (cfg.get("architectures") or [cfg.get("model_type", "unknown")])[0]
+    if arch not in SUPPORTED:
+        raise CheckpointError(
+            f"unsupported architecture {arch}: from-hf reads {', '.join(SUPPORTED)} folders"
+        )
+    scaling = cfg.get("rope_scaling") or {}
+    rope = cfg.get("rope_parameters") or {}
+    rope_type = scaling.get("rope_type") or scaling.get("type") or rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise CheckpointError(f"RoPE scaling {rope_type!r} is not supported (plain RoPE only)")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise CheckpointError(f"{key}=true is not supported: megalite's Llama has no biases")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act={cfg['hidden_act']} is not supported (SwiGLU only)")
+    heads = cfg["num_attention_heads"]
+    m = ModelConfig(
+        name=name,
+        dim=cfg["hidden_size"],
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or heads,
+        ffn_dim=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_seq_len=cfg.get("max_position_embeddings", 4096),
+    )
+    if cfg.get("head_dim", m.head_dim) != m.head_dim:
+        raise CheckpointError(f"head_dim={cfg['head_dim']} != hidden_size / heads: not supported")
+    return m
+
+
+def _hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) from model.safetensors or its sharded index, one tensor at a time."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{folder} holds no model.safetensors (nor an index of shards)")
+    for file in files:
+        if not (folder / file).is_file():
+            raise CheckpointError(f"{folder}: missing shard {file}")
+        with safe_open(folder / file, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def import_hf(
+    src: str | Path, dst: str | Path, *, layout: dict[str, int], progress: bool = True
+) -> dict[str, object]:
+    """A layout-free checkpoint (weights; fresh optimizer state) from an HF Llama folder, plus
+    `model.yaml`, the matching model config to train it with."""
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from megalite.checkpoint import store
+    from megalite.checkpoint.universal import FORMAT, tensor_file
+
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"{src} has no config.json: not a Hugging Face model folder")
+    model = model_config_from_hf(json.loads((src / "config.json").read_text()), name=src.name)
+    if dst.exists():
+        raise CheckpointError(f"{dst} exists: choose a new destination")
+    plain_of = {hf_name(n): n for n, _ in _plain_names(model)}
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "tensors").mkdir(parents=True)
+    seen, total = set(), 0
+    for key, t in tqdm(_hf_tensors(src), desc="from-hf", unit="tensor", disable=not progress):
+        if key not in plain_of:
+            if key == "lm_head.weight" and model.tie_embeddings:
+                continue
+            raise CheckpointError(f"{src}: unexpected tensor {key} for a {SUPPORTED[0]}")
+        save_file({"t": t.float().contiguous()}, tmp / tensor_file(plain_of[key], "param"))
+        seen.add(plain_of[key])
+        total += t.numel() * 4
+    missing = sorted(set(plain_of.values()) - seen)
+    if missing:
+        raise CheckpointError(f"{src}: missing tensors {', '.join(missing[:5])}")
+    meta = {
+        "format": FORMAT,
+        "step": 0,
+        "consumed_tokens": 0,
+        "model": asdict(model),
+        "layout": layout,
+        "source": str(src),
+        "optimizer_state": False,
+        "optimizer_step": 0,
+        "lr_scheduler": None,
+        "global_steps": 0,
+        "global_samples": 0,
+        "rank_state": {"step": 0, "consumed_tokens": 0, "initial_val_loss": None, "data": None},
+        "tp_shards": {},
+    }
+    if (src / "tokenizer.json").is_file():
+        shutil.copy(src / "tokenizer.json", tmp / "tokenizer.json")
+    (tmp / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(model)))
+    meta["files"] = {
+        str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
+    }
+    (tmp / store.META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.rename(tmp, dst)
+    return {"tensors": len(seen), "bytes": total, "dst": str(dst), "model": model}
+
+
+def _plain_names(model: ModelConfig) -> Iterator[tuple[str, object]]:
+    from megalite.model.llama import Llama
+
+    return Llama(model, device="meta").named_parameters()

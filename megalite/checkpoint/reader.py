@@ -97,8 +97,9 @@ class CheckpointReader:
 
     # ---- files ----------------------------------------------------------------------------
 
-    @cache  # noqa: B019 (one reader per conversion; the cache holds mmapped file handles)
     def _load(self, filename: str) -> Any:
+        """Memory-map a file anew each time (not cached): pages of a mapping that is kept stay in
+        this process's resident set, so peak memory would grow to the checkpoint's size."""
         path = self.path / filename
         if not path.is_file():
             raise CheckpointError(f"{self.path}: missing file {filename}")
@@ -110,6 +111,7 @@ class CheckpointReader:
     def _model_states(self, pp_rank: int, tp_rank: int) -> dict[str, Any]:
         return self._load(f"mp_rank_{self._mp_rank(pp_rank, tp_rank):02d}_model_states.pt")
 
+    @cache  # noqa: B019 (small; one reader per conversion)
     def _param_shapes(self, pp_rank: int, tp_rank: int) -> dict[str, torch.Size]:
         states = self._model_states(pp_rank, tp_rank)
         if self.zero:

@@ -141,10 +141,14 @@ def load_universal(engine: Any, ckpt: Path, *, tp: int, tp_rank: int) -> dict[st
     zero = hasattr(engine.optimizer, "single_partition_of_fp32_groups")
     if zero:
         _init_zero_adam_state(engine.optimizer, step)
+    kinds = KINDS if meta.get("optimizer_state", True) else ("param",)  # from-hf: weights only
     for p in engine.module.parameters():
         shard: TPShard = getattr(p, "tp_shard", None) or TPShard("full", (p.plain_name,))
         values = {}
         for kind in KINDS:
+            if kind not in kinds:
+                values[kind] = torch.zeros(p.shape, dtype=torch.float32)
+                continue
             full = {n: _read(ckpt, n, kind) for n in shard.names}
             values[kind] = local_shard(full, shard, tp=tp, tp_rank=tp_rank).reshape(p.shape)
         with torch.no_grad():

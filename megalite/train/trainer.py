@@ -112,7 +112,8 @@ class Trainer:
         self.step = state["step"]
         self.consumed_tokens = state["consumed_tokens"]
         self.initial_val_loss = state.get("initial_val_loss")
-        self.train_stream.load_state_dict(state["data"])
+        if state["data"] is not None:  # None: imported weights, the stream starts afresh
+            self.train_stream.load_state_dict(state["data"])
         self._batches = iter(self.train_stream)
         self._pairs = pairs(self._batches)
         self.last_checkpoint, self.saved_step = ckpt, self.step
