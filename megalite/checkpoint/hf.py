@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from megalite.checkpoint import store
 from megalite.checkpoint.reader import CheckpointReader
 from megalite.checkpoint.store import CheckpointError
 from megalite.config import ModelConfig
@@ -113,11 +114,6 @@ def export_hf(
 
     reader = CheckpointReader(src)
     dst = Path(dst)
-    if dst.exists():
-        raise CheckpointError(f"{dst} exists: choose a new destination")
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     names = reader.names()
     bar = tqdm(total=len(names), desc="to-hf", unit="tensor", disable=not progress)
 
@@ -128,17 +124,17 @@ def export_hf(
 
     files: list[tuple[str, list[str]]] = []
     total = 0
-    for i, shard in enumerate(_shards(converted(), max_shard_bytes)):
-        name = f"part-{i:05d}.safetensors"
-        save_file(shard, tmp / name, metadata={"format": "pt"})
-        files.append((name, list(shard)))
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-    bar.close()
-    _name_files(tmp, files, total)
-    eos = _copy_tokenizer(reader, tmp)
-    cfg = hf_config(reader.model, dtype=dtype, eos_token_id=eos)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    os.rename(tmp, dst)
+    with store.staging(dst) as tmp:
+        for i, shard in enumerate(_shards(converted(), max_shard_bytes)):
+            name = f"part-{i:05d}.safetensors"
+            save_file(shard, tmp / name, metadata={"format": "pt"})
+            files.append((name, list(shard)))
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        bar.close()
+        _name_files(tmp, files, total)
+        eos = _copy_tokenizer(reader, tmp)
+        cfg = hf_config(reader.model, dtype=dtype, eos_token_id=eos)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return {"tensors": len(names), "bytes": total, "files": len(files), "dst": str(dst)}
 
 
@@ -235,44 +231,51 @@ def import_hf(
 ) -> dict[str, object]:
     """A layout-free checkpoint (weights; fresh optimizer state) from an HF Llama folder, plus
     `model.yaml`, the matching model config to train it with."""
-    from dataclasses import asdict
-
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from megalite.checkpoint import store
-    from megalite.checkpoint.universal import FORMAT, tensor_file
+    from megalite.checkpoint.universal import tensor_file, write_meta
 
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} has no config.json: not a Hugging Face model folder")
     model = model_config_from_hf(json.loads((src / "config.json").read_text()), name=src.name)
-    if dst.exists():
-        raise CheckpointError(f"{dst} exists: choose a new destination")
     plain_of = {hf_name(n): n for n, _ in _plain_names(model)}
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "tensors").mkdir(parents=True)
     seen, total = set(), 0
-    for key, t in tqdm(_hf_tensors(src), desc="from-hf", unit="tensor", disable=not progress):
-        if key not in plain_of:
-            if key == "lm_head.weight" and model.tie_embeddings:
-                continue
-            raise CheckpointError(f"{src}: unexpected tensor {key} for a {SUPPORTED[0]}")
-        save_file({"t": t.float().contiguous()}, tmp / tensor_file(plain_of[key], "param"))
-        seen.add(plain_of[key])
-        total += t.numel() * 4
-    missing = sorted(set(plain_of.values()) - seen)
-    if missing:
-        raise CheckpointError(f"{src}: missing tensors {', '.join(missing[:5])}")
-    meta = {
+    with store.staging(dst) as tmp:
+        (tmp / "tensors").mkdir()
+        for key, t in tqdm(_hf_tensors(src), desc="from-hf", unit="tensor", disable=not progress):
+            if key not in plain_of:
+                if key == "lm_head.weight" and model.tie_embeddings:
+                    continue
+                raise CheckpointError(f"{src}: unexpected tensor {key} for a {SUPPORTED[0]}")
+            save_file({"t": t.float().contiguous()}, tmp / tensor_file(plain_of[key], "param"))
+            seen.add(plain_of[key])
+            total += t.numel() * 4
+        missing = sorted(set(plain_of.values()) - seen)
+        if missing:
+            raise CheckpointError(f"{src}: missing tensors {', '.join(missing[:5])}")
+        if (src / "tokenizer.json").is_file():
+            shutil.copy(src / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(model)))
+        write_meta(tmp, _import_meta(model, layout=layout, source=src))
+    return {"tensors": len(seen), "bytes": total, "dst": str(dst), "model": model}
+
+
+def _import_meta(model: ModelConfig, *, layout: dict[str, int], source: Path) -> dict:
+    """A universal checkpoint's meta for imported weights: step 0, fresh optimizer and stream."""
+    from dataclasses import asdict
+
+    from megalite.checkpoint.universal import FORMAT
+
+    return {
         "format": FORMAT,
         "step": 0,
         "consumed_tokens": 0,
         "model": asdict(model),
         "layout": layout,
-        "source": str(src),
+        "source": str(source),
         "optimizer_state": False,
         "optimizer_step": 0,
         "lr_scheduler": None,
@@ -281,15 +284,6 @@ def import_hf(
         "rank_state": {"step": 0, "consumed_tokens": 0, "initial_val_loss": None, "data": None},
         "tp_shards": {},
     }
-    if (src / "tokenizer.json").is_file():
-        shutil.copy(src / "tokenizer.json", tmp / "tokenizer.json")
-    (tmp / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(model)))
-    meta["files"] = {
-        str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
-    }
-    (tmp / store.META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.rename(tmp, dst)
-    return {"tensors": len(seen), "bytes": total, "dst": str(dst), "model": model}
 
 
 def _plain_names(model: ModelConfig) -> Iterator[tuple[str, object]]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,23 @@ def _free_name(root: Path, step: int) -> Path:
     while path.exists():
         path, k = root / f"{step_name(step)}.{k}", k + 1
     return path
+
+
+@contextmanager
+def staging(dst: Path) -> Iterator[Path]:
+    """Write a tool's output folder under a temporary name beside `dst` and rename it into place
+    only if the block succeeds; on any error the partial folder is removed."""
+    if dst.exists():
+        raise CheckpointError(f"{dst} exists: choose a new destination")
+    tmp = dst.with_name(f"{TMP_PREFIX}{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.rename(tmp, dst)
 
 
 def discard_partial(root: Path) -> None:

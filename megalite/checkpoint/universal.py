@@ -13,8 +13,6 @@ data-stream state, file sizes) and `tensors/<plain name>.<kind>.safetensors`.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,6 @@ import torch
 
 from megalite.checkpoint import store
 from megalite.checkpoint.reader import KINDS, CheckpointReader
-from megalite.checkpoint.store import CheckpointError
 from megalite.parallel.tp_layers import TPShard
 
 FORMAT = "megalite-universal-1"
@@ -45,27 +42,30 @@ def write_universal(
 
     reader = CheckpointReader(src)
     dst = Path(dst)
-    if dst.exists():
-        raise CheckpointError(f"{dst} exists: choose a new destination")
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "tensors").mkdir(parents=True)
     names = reader.names()
     bar = tqdm(total=len(names) * len(KINDS), desc="reshard", unit="tensor", disable=not progress)
     total = 0
-    for kind in KINDS:
-        for name, t in reader.tensors(kind):
-            save_file({"t": t.contiguous()}, tmp / tensor_file(name, kind))
-            total += t.numel() * t.element_size()
-            bar.update()
-    bar.close()
-    meta = _universal_meta(reader, layout)
-    meta["files"] = {
-        str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
-    }
-    (tmp / store.META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.rename(tmp, dst)
+    with store.staging(dst) as tmp:
+        (tmp / "tensors").mkdir()
+        for kind in KINDS:
+            for name, t in reader.tensors(kind):
+                save_file({"t": t.contiguous()}, tmp / tensor_file(name, kind))
+                total += t.numel() * t.element_size()
+                bar.update()
+        bar.close()
+        meta = _universal_meta(reader, layout)
+        write_meta(tmp, meta)
     return {"tensors": len(names), "bytes": total, "dst": str(dst)}
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """meta.json last, with every file's size (checked on load)."""
+    meta["files"] = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+    (folder / store.META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def _universal_meta(reader: CheckpointReader, layout: dict[str, int]) -> dict[str, Any]:

@@ -91,3 +91,14 @@ def test_unsupported_architecture(tmp_path: Path, capsys) -> None:
     assert convert_main(args) == 2
     assert "unsupported architecture GPT2LMHeadModel" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_failed_conversion_leaves_nothing(tmp_path: Path, capsys) -> None:
+    hf_model(tmp_path / "hf", tied=False, kv=2)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["num_hidden_layers"] = 3  # the weights hold 2: fails after writing some tensors
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    args = ["from-hf", "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "out"), "--quiet"]
+    assert convert_main(args) == 2
+    assert "missing tensors layers.2" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no output, no temporary folder
