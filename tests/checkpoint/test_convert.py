@@ -21,7 +21,7 @@ from megalite.checkpoint.reader import CheckpointReader
 from megalite.checkpoint.store import CheckpointError
 from megalite.cluster.launch import launch
 from megalite.model.llama import Llama
-from tests.helpers import compose_config
+from tests.helpers import short_job
 
 LAYOUTS = {
     "1x1x1": ["parallel.dp=1", "parallel.zero_stage=0"],
@@ -36,27 +36,9 @@ LAYOUTS = {
 
 
 def train(data: Path, run_dir: Path, *extra: str) -> Path:
-    cfg = compose_config(
-        [
-            "model=tiny",
-            f"data.path={data}",
-            "trainer.max_steps=3",
-            "trainer.seq_len=32",
-            "trainer.micro_batch_size=2",
-            "trainer.global_batch_size=8",
-            "trainer.log_interval=1",
-            "trainer.eval_interval=0",
-            "trainer.eval_steps=1",
-            "optim.warmup_steps=1",
-            "optim.lr=3e-3",
-            # Adam's eps large enough that near-zero gradients (rare tokens' embedding rows) do
-            # not turn float noise between layouts into ±lr updates: the comparison stays tight.
-            "optim.eps=1e-3",
-            f"trainer.run_dir={run_dir}",
-            "logging.wandb.mode=disabled",
-            *extra,
-        ]
-    )
+    # Adam's eps large enough that near-zero gradients (rare tokens' embedding rows) do not turn
+    # float noise between layouts into ±lr updates: the comparison stays tight.
+    cfg = short_job(data, run_dir, "optim.warmup_steps=1", "optim.eps=1e-3", *extra, steps=3)
     launch(cfg, default_run_dir=run_dir)
     return store.latest(run_dir / "checkpoints")
 

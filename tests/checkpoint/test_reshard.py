@@ -13,32 +13,17 @@ from megalite.checkpoint.cli import main as convert_main
 from megalite.checkpoint.reader import CheckpointReader
 from megalite.checkpoint.universal import load_universal  # noqa: F401  (public entry point)
 from megalite.cluster.launch import launch
-from tests.helpers import compose_config, train_losses
+from tests.helpers import short_job, train_losses
 
 N = 2
 SOURCE = ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=1"]
 
 
 def run(data: Path, run_dir: Path, *extra: str) -> None:
-    cfg = compose_config(
-        [
-            "model=tiny",
-            f"data.path={data}",
-            f"trainer.max_steps={2 * N}",
-            "trainer.seq_len=32",
-            "trainer.micro_batch_size=2",
-            "trainer.global_batch_size=8",
-            "trainer.log_interval=1",
-            "trainer.eval_interval=0",
-            "trainer.eval_steps=1",
-            "optim.warmup_steps=1",
-            "optim.lr=3e-3",
-            f"trainer.run_dir={run_dir}",
-            "logging.wandb.mode=disabled",
-            *extra,
-        ]
+    launch(
+        short_job(data, run_dir, "optim.warmup_steps=1", *extra, steps=2 * N),
+        default_run_dir=run_dir,
     )
-    launch(cfg, default_run_dir=run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -18,32 +18,21 @@ from megalite.data.stream import TokenStream
 from megalite.model.llama import Llama, cross_entropy
 from megalite.parallel.engine import build_optimizer
 from megalite.train.schedule import build_scheduler
-from tests.helpers import compose_config, train_losses
+from tests.helpers import short_job, train_losses
 
 STEPS = 10
 
 
 def job_config(data: Path, run_dir: Path, *extra: str) -> Config:
-    return compose_config(
-        [
-            "model=tiny",
-            f"data.path={data}",
-            "parallel.dp=2",
-            f"trainer.max_steps={STEPS}",
-            "trainer.seq_len=32",
-            "trainer.micro_batch_size=2",
-            "trainer.global_batch_size=8",  # 2 accumulation steps x 2 ranks x 2
-            "trainer.log_interval=1",
-            "trainer.eval_interval=0",
-            "trainer.eval_steps=1",
-            "trainer.save_interval=0",
-            "optim.warmup_steps=3",
-            "optim.lr=3e-3",
-            "optim.grad_clip=0.5",
-            f"trainer.run_dir={run_dir}",
-            "logging.wandb.mode=disabled",
-            *extra,
-        ]
+    """dp=2, 2 accumulation steps of micro-batch 2 (global batch 8), clipping active."""
+    return short_job(
+        data,
+        run_dir,
+        "parallel.dp=2",
+        "optim.warmup_steps=3",
+        "optim.grad_clip=0.5",
+        *extra,
+        steps=STEPS,
     )
 
 

@@ -10,32 +10,21 @@ import pytest
 
 from megalite.checkpoint import store
 from megalite.cluster.launch import launch
-from tests.helpers import compose_config, read_metrics, train_losses
+from tests.helpers import read_metrics, short_job, train_losses
 
 N = 4
 
 
 def run(data: Path, run_dir: Path, *extra: str) -> None:
-    cfg = compose_config(
-        [
-            "model=tiny",
-            f"data.path={data}",
-            "parallel.dp=2",
-            "parallel.zero_stage=2",
-            f"trainer.max_steps={2 * N}",
-            "trainer.seq_len=32",
-            "trainer.micro_batch_size=2",
-            "trainer.global_batch_size=8",
-            "trainer.log_interval=1",
-            "trainer.eval_interval=0",
-            "trainer.eval_steps=2",
-            "trainer.save_interval=0",
-            "optim.warmup_steps=2",
-            "optim.lr=3e-3",
-            f"trainer.run_dir={run_dir}",
-            "logging.wandb.mode=disabled",
-            *extra,
-        ]
+    cfg = short_job(
+        data,
+        run_dir,
+        "parallel.dp=2",
+        "parallel.zero_stage=2",
+        "trainer.eval_steps=2",
+        "optim.warmup_steps=2",
+        *extra,
+        steps=2 * N,
     )
     launch(cfg, default_run_dir=run_dir)
 
