@@ -131,11 +131,12 @@ class CheckpointReader:
     # ---- tensors --------------------------------------------------------------------------
 
     def _local(self, loc: Local, kind: str) -> torch.Tensor:
+        """One TP shard, detached (DeepSpeed saves some flat partitions as Parameters)."""
         shape = self._param_shapes(loc.pp_rank, loc.tp_rank)[loc.module_name]
         if self.zero:
-            return self._zero_local(loc, kind).view(shape)
+            return self._zero_local(loc, kind).detach().view(shape)
         if kind == "param":
-            return self._module_state(loc.pp_rank, loc.tp_rank)[loc.module_name].float()
+            return self._module_state(loc.pp_rank, loc.tp_rank)[loc.module_name].detach().float()
         return self._torch_optim_state(loc)[kind].view(shape)
 
     def _zero_local(self, loc: Local, kind: str) -> torch.Tensor:
