@@ -542,8 +542,8 @@ def skeleton(obj: Any) -> Any:
     and shapes exact, other leaves as their type."""
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    if isinstance(obj, torch.Tensor):
-        return ("tensor", tuple(obj.shape), str(obj.dtype))
+    if isinstance(obj, torch.Tensor):  # a Parameter and a plain tensor differ
+        return (type(obj).__name__, tuple(obj.shape), str(obj.dtype))
     if isinstance(obj, torch.Size):
         return ("size", tuple(obj))
     if isinstance(obj, fragment_address):
