@@ -70,6 +70,16 @@ def reference_losses(cfg: Config, data: Path) -> list[float]:
     return losses
 
 
+def assert_losses_close(got: dict[int, float], want: list[float], *, rtol: float) -> None:
+    """megalite's logged losses for steps 1..STEPS against the reference's, step by step."""
+    torch.testing.assert_close(
+        torch.tensor([got[s] for s in range(1, STEPS + 1)], dtype=torch.float64),
+        torch.tensor(want, dtype=torch.float64),
+        rtol=rtol,
+        atol=0,
+    )
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_zero_matches_single_process(stage: int, sample_data: Path, tmp_path: Path) -> None:
     cfg = job_config(sample_data, tmp_path / "run", f"parallel.zero_stage={stage}")
@@ -77,12 +87,7 @@ def test_zero_matches_single_process(stage: int, sample_data: Path, tmp_path: Pa
     got = train_losses(tmp_path / "run")
     want = reference_losses(cfg, sample_data)
     assert sorted(got) == list(range(1, STEPS + 1))
-    torch.testing.assert_close(
-        torch.tensor([got[s] for s in range(1, STEPS + 1)], dtype=torch.float64),
-        torch.tensor(want, dtype=torch.float64),
-        rtol=1e-5,
-        atol=0,
-    )
+    assert_losses_close(got, want, rtol=1e-5)
     assert want[-1] < want[0]  # it trains
 
 
@@ -119,9 +124,4 @@ def test_tp_with_zero_matches_single_process(
     launch(cfg, default_run_dir=tmp_path / "unused")
     got = train_losses(tmp_path / "run")
     want = reference_losses(cfg, sample_data)
-    torch.testing.assert_close(
-        torch.tensor([got[s] for s in range(1, STEPS + 1)], dtype=torch.float64),
-        torch.tensor(want, dtype=torch.float64),
-        rtol=1e-5,
-        atol=0,
-    )
+    assert_losses_close(got, want, rtol=1e-5)

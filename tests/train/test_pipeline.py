@@ -6,11 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from megalite.cluster.launch import launch
 from tests.helpers import train_losses
-from tests.train.test_parity import STEPS, job_config, reference_losses
+from tests.train.test_parity import STEPS, assert_losses_close, job_config, reference_losses
 
 CASES = {
     "pp2": ["parallel.pp=2", "parallel.dp=1"],
@@ -44,9 +43,4 @@ def test_pipeline_matches_single_process(case: str, sample_data: Path, tmp_path:
     got = train_losses(tmp_path / "run")
     want = reference_losses(cfg, sample_data)
     assert sorted(got) == list(range(1, STEPS + 1))
-    torch.testing.assert_close(
-        torch.tensor([got[s] for s in range(1, STEPS + 1)], dtype=torch.float64),
-        torch.tensor(want, dtype=torch.float64),
-        rtol=1e-5,
-        atol=0,
-    )
+    assert_losses_close(got, want, rtol=1e-5)
