@@ -14,6 +14,10 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
+from megalite.data.manifest import DataError
+from megalite.data.mixture import SourceSpec, normalise
+from megalite.data.shards import is_pattern
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line that names the fix."""
@@ -42,15 +46,31 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of `data=mixture`: a prepared folder or shard pattern, its sampling weight and
+    the name its metrics are logged under (default: the folder's name)."""
+
+    path: str = MISSING
+    weight: float = 1.0
+    name: str = ""
+
+
+@dataclass
 class DataConfig:
-    """Where tokens come from: a folder written by `tools/prepare_data.py` (`path`), or for
-    `name=shakespeare` with no path, the bundled sample, prepared on first use into `cache_dir`."""
+    """Where tokens come from: a prepared folder or shard pattern (`path`; see
+    megalite/data/shards.py), a weighted mixture of them (`sources`), or for `name=shakespeare`
+    with neither, the bundled sample, prepared on first use into `cache_dir`."""
 
     name: str = "shakespeare"
     path: str | None = None
+    sources: list[SourceConfig] = field(default_factory=list)
     cache_dir: str = "~/.cache/megalite/data"
     vocab_size: int = 4096  # for preparing the bundled sample only
     shuffle: bool = True
+    workers: int = 0  # loader processes reading ahead of the trainer (0: read in the trainer)
+    prefetch: int = 2  # micro-batches each worker reads ahead
+    read_attempts: int = 4  # a shard read that fails is retried, then reported by name
+    retry_delay_s: float = 1.0  # first wait between attempts; doubled after each
 
 
 @dataclass
@@ -299,6 +319,41 @@ def validate_optim(o: OptimConfig) -> None:
     _require(o.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
 
 
+def data_sources(d: DataConfig) -> list[SourceSpec]:
+    """The configured sources: `data.sources`, or `data.path` as the only one (weight 1)."""
+    if d.sources:
+        return [SourceSpec(s.path, s.weight, s.name) for s in d.sources]
+    if d.path is None:
+        raise ConfigError("no data: set data.path=DIR or data.sources=[...]")
+    return [SourceSpec(d.path)]
+
+
+def validate_data(d: DataConfig) -> None:
+    _require(
+        d.path is None or not d.sources,
+        "data.path and data.sources are both set: give one folder (data.path) or a mixture "
+        "(data.sources)",
+    )
+    _require(d.workers >= 0, f"data.workers={d.workers} must be >= 0")
+    _require(d.prefetch >= 1, f"data.prefetch={d.prefetch} must be >= 1")
+    _require(d.read_attempts >= 1, f"data.read_attempts={d.read_attempts} must be >= 1")
+    _require(d.retry_delay_s >= 0, f"data.retry_delay_s={d.retry_delay_s} must be >= 0")
+    for path in [d.path] if d.path is not None else [s.path for s in d.sources]:
+        _require(
+            is_pattern(path) or Path(path).expanduser().exists(),
+            f"data path {path} does not exist: run tools/prepare_data.py",
+        )
+    if d.sources:
+        try:
+            normalise(data_sources(d))
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
+    _require(
+        d.name != "mixture" or bool(d.sources),
+        "data=mixture needs data.sources=[{path: DIR, weight: W}, ...]",
+    )
+
+
 def validate_kernels(k: KernelsConfig) -> None:
     _require(
         k.backend in ("auto", "triton", "torch"),
@@ -377,8 +432,4 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
             f"{cfg.world_size}: set parallel.dp={max(1, world_size // (p.tp * p.pp))} "
             "or start that many processes",
         )
-    if cfg.data.path is not None:
-        path = Path(cfg.data.path).expanduser()
-        _require(
-            path.exists(), f"data.path={cfg.data.path} does not exist: run tools/prepare_data.py"
-        )
+    validate_data(cfg.data)

@@ -35,6 +35,9 @@ PINNED = [
     "safetensors==0.8.0",
     "matplotlib==3.11.2",
     "submitit==1.5.4",
+    "pyarrow==26.0.1",  # prepare_data: parquet input
+    "zstandard==0.25.0",  # prepare_data: .jsonl.zst input
+    "sentencepiece==0.2.3",  # prepare_data: --tokenizer x.model
     "triton==3.9.0",  # kernels/: tested on CPU through its interpreter (TRITON_INTERPRET=1)
     "transformers==5.23.0",  # tests only: Hugging Face conversion parity
 ]

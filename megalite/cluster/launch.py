@@ -20,9 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from megalite.checkpoint import store
 from megalite.cluster.env import from_environ
 from megalite.cluster.local import spawn
-from megalite.config import Config, ConfigError, register_configs, validate
-from megalite.data.manifest import load_manifest
+from megalite.config import Config, ConfigError, data_sources, register_configs, validate
+from megalite.data.mixture import check_tokenizers, normalise
 from megalite.data.sample import prepare_sample
+from megalite.data.shards import Retry, is_pattern, locate
 from megalite.train.worker import run_worker
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -61,25 +62,41 @@ def to_config(dcfg: DictConfig | Config) -> Config:
     return OmegaConf.to_object(merged)
 
 
-def resolve_data(cfg: Config) -> Path:
-    """The prepared-data folder; the bundled sample is prepared (once) when no path is given."""
-    if cfg.data.path is not None:
-        return Path(cfg.data.path).expanduser().resolve()
-    if cfg.data.name != "shakespeare":
+def resolve_data(cfg: Config) -> None:
+    """Complete `cfg.data` for the workers: the bundled sample's folder (prepared once) when no
+    data is given; local folders made absolute, so every rank, wherever it starts, reads them."""
+    d = cfg.data
+    if d.sources:
+        for source in d.sources:
+            source.path = _absolute(source.path)
+    elif d.path is not None:
+        d.path = _absolute(d.path)
+    elif d.name != "shakespeare":
         raise ConfigError(
-            f"data={cfg.data.name} needs data.path=DIR (a tools/prepare_data.py output)"
+            f"data={d.name} needs data.path=DIR (a tools/prepare_data.py output) or data.sources"
         )
-    return prepare_sample(Path(cfg.data.cache_dir).expanduser(), vocab_size=cfg.data.vocab_size)
+    else:
+        d.path = str(prepare_sample(Path(d.cache_dir).expanduser(), vocab_size=d.vocab_size))
 
 
-def check_vocab(cfg: Config, data_path: Path) -> None:
-    manifest = load_manifest(data_path)
-    if manifest.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"the tokenizer in {data_path} has {manifest.vocab_size} tokens but "
-            f"model.vocab_size={cfg.model.vocab_size}: use a model with vocab_size >= "
-            f"{manifest.vocab_size} or prepare the data with a smaller vocabulary"
-        )
+def _absolute(path: str) -> str:
+    return path if is_pattern(path) else str(Path(path).expanduser().resolve())
+
+
+def check_data(cfg: Config) -> None:
+    """Every source opens (its manifest is read; a pipe: command runs once), all share one
+    tokenizer, and it fits the model's vocabulary."""
+    retry = Retry(attempts=cfg.data.read_attempts, delay_s=cfg.data.retry_delay_s)
+    located = [(s, locate(s.path, retry=retry)) for s in normalise(data_sources(cfg.data))]
+    check_tokenizers(located)
+    for spec, loc in located:
+        vocab = loc.manifest.vocab_size
+        if vocab > cfg.model.vocab_size:
+            raise ConfigError(
+                f"the tokenizer of {spec.path} has {vocab} tokens but "
+                f"model.vocab_size={cfg.model.vocab_size}: use a model with vocab_size >= "
+                f"{vocab} or prepare the data with a smaller vocabulary"
+            )
 
 
 def resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
@@ -102,12 +119,11 @@ def prepare_run(
 ) -> Path | None:
     """Validate and set up the run; returns the checkpoint to resume from (or None).
 
-    Fills `cfg.data.path` with the prepared-data folder so every worker reads the same one.
+    Completes `cfg.data` (see `resolve_data`) so every worker reads the same data.
     """
     validate(cfg, world_size=world_size)
-    data_path = resolve_data(cfg)
-    check_vocab(cfg, data_path)
-    cfg.data.path = str(data_path)
+    resolve_data(cfg)
+    check_data(cfg)
     cfg.trainer.run_dir = str(run_dir)
     resume = resolve_resume(cfg, run_dir)
     if writer:

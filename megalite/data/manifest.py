@@ -154,13 +154,17 @@ def load_manifest(root: str | Path) -> Manifest:
             f"{root} holds no prepared data (no {MANIFEST_NAME}): "
             f"run tools/prepare_data.py --input ... --output {root}"
         )
-    try:
-        raw = json.loads(path.read_text())
-        manifest = _from_json(root, raw)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path} is not a valid manifest: {exc}") from exc
+    manifest = parse_manifest(path.read_bytes(), root=root, name=str(path))
     _check_files(manifest)
     return manifest
+
+
+def parse_manifest(data: bytes, *, root: Path, name: str) -> Manifest:
+    """A manifest's bytes → `Manifest` with `root`; `DataError` naming `name` if it is invalid."""
+    try:
+        return _from_json(root, json.loads(data))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{name} is not a valid manifest: {exc}") from exc
 
 
 def _from_json(root: Path, raw: dict[str, Any]) -> Manifest:
@@ -303,29 +307,34 @@ def shard_bytes(samples: list[np.ndarray], *, first_key: int) -> bytes:
 
 
 def read_shard(path: Path, info: ShardInfo, *, dtype: str) -> list[np.ndarray]:
-    """All samples of one shard, in key order, as arrays of `dtype`.
-
-    The whole file is read and checked against the manifest (sha256, sample and token counts)
-    before decoding, so a truncated or overwritten shard raises `DataError` naming it instead of
-    yielding wrong tokens or stalling a reader.
-    """
+    """All samples of one local shard, in key order, as arrays of `dtype` (see `decode_shard`)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read shard {path}: {exc.strerror}") from exc
+    return decode_shard(data, info, dtype=dtype, name=str(path))
+
+
+def decode_shard(data: bytes, info: ShardInfo, *, dtype: str, name: str) -> list[np.ndarray]:
+    """The samples of a shard's bytes, in key order, as arrays of `dtype`.
+
+    The bytes are checked against the manifest (sha256, sample and token counts) before and after
+    decoding, so a truncated or overwritten shard raises `DataError` naming it (`name`: its path
+    or URL) instead of yielding wrong tokens or stalling a reader.
+    """
     if hashlib.sha256(data).hexdigest() != info.sha256:
         raise DataError(
-            f"shard {path} is corrupt ({len(data)} bytes, sha256 differs from the manifest): "
+            f"shard {name} is corrupt ({len(data)} bytes, sha256 differs from the manifest): "
             "prepare the data again"
         )
     try:
         samples = _decode_tar(data, np.dtype(dtype))
     except Exception as exc:  # tarfile/numpy raise many types for damaged bytes
-        raise DataError(f"shard {path} is corrupt: {exc}") from exc
+        raise DataError(f"shard {name} is corrupt: {exc}") from exc
     tokens = sum(len(s) for s in samples)
     if len(samples) != info.samples or tokens != info.tokens:
         raise DataError(
-            f"shard {path} holds {len(samples)} samples / {tokens} tokens, "
+            f"shard {name} holds {len(samples)} samples / {tokens} tokens, "
             f"the manifest says {info.samples} / {info.tokens}"
         )
     return samples

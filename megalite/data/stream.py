@@ -1,42 +1,53 @@
-"""The resumable training stream: prepared shards → packed token windows for one DP rank.
+"""The resumable training stream: one or more prepared datasets → packed token windows for one
+DP rank.
 
 The stream is global and does not depend on the data-parallel layout, so that the global batch of
-a step, and hence its loss, is the same for any dp, and a run can resume with another dp. An epoch
-is all samples of a split in a seeded order: shards permuted by `(seed, "shards", epoch)`, the
-samples of each shard by `(seed, "samples", epoch, shard)` (identity without `shuffle`). Epochs
-follow one another in one endless token stream, cut into consecutive windows of `seq_len + 1`
-tokens (inputs and shifted targets) numbered w = 0, 1, 2, ...; a window may span samples, shards
-and epochs, so no token is dropped.
+a step, and hence its loss, is the same for any dp, and a run can resume with another dp. It is a
+sequence of windows of `seq_len + 1` tokens (inputs and shifted targets) numbered w = 0, 1, 2, ...
+Window w comes from source k with probability weight_k (mixture.py; one source: all of them), and
+is that source's next window: the j-th window drawn from a source is tokens [j·(L+1), (j+1)·(L+1))
+of its endless shuffled stream (source.py), so a window may span samples, shards and epochs and no
+token is dropped.
 
 The windows are consumed in DP rounds of `dp_size * micro_batch_size`: round k is windows
 [k·dp·mb, (k+1)·dp·mb), and rank r's micro-batch k is the r-th block of `mb` windows in it. A
 step of `accum` micro-batches per rank thus covers windows [step·G, (step+1)·G), G = accum·dp·mb,
-whatever dp (as long as dp·mb·accum is G). Every epoch holds the split's `T` tokens, so a token
-position p lies in epoch p // T; shard token counts come from the manifest, so locating a window
-reads no shard, and a rank opens only the shards its own windows overlap.
+whatever dp (as long as dp·mb·accum is G). Every rank draws the sources of the whole round, so all
+ranks agree on how many windows each source has given.
 
-The whole position is the global index of the next round's first window: that is the state, and it
-can be loaded by any layout whose round size divides it (a trainer saves at step boundaries).
+The position is the global index of the next round's first window plus the windows drawn from
+each source so far: that is the state, and it can be loaded by any layout whose round size
+divides the window (a trainer saves at step boundaries).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from megalite.data.manifest import DataError, Manifest, load_manifest, manifest_bytes, read_shard
+from megalite.data.manifest import DataError
+from megalite.data.mixture import SourceSpec, check_tokenizers, choose, normalise
+from megalite.data.shards import DEFAULT_RETRY, Retry, locate
+from megalite.data.source import Source, permutation
 
-STATE_VERSION = 2
-_CHECKED = ("split", "seq_len", "seed", "shuffle", "data")
+__all__ = ["STATE_VERSION", "TokenStream", "permutation"]
+
+STATE_VERSION = 3
+_CHECKED = ("split", "seq_len", "seed", "shuffle")
+log = logging.getLogger(__name__)
 
 
 class TokenStream:
     """Packed (micro_batch_size, seq_len + 1) int64 token windows for one data-parallel rank.
+
+    `sources` is one prepared folder or shard pattern (shards.py), or a mixture: `SourceSpec`s
+    with weights (normalised to sum to 1; zero-weight sources left out). A source without `split`
+    is left out of a mixture's stream for that split (a lone source raises).
 
     Iterating yields batches forever; one iterator at a time (a new `iter()` continues from the
     current position). `state_dict()` after a batch describes exactly the rounds consumed so far;
@@ -45,7 +56,7 @@ class TokenStream:
 
     def __init__(
         self,
-        root: str | Path,
+        sources: str | Path | Sequence[SourceSpec],
         split: str,
         *,
         seq_len: int,
@@ -54,6 +65,7 @@ class TokenStream:
         dp_size: int,
         seed: int,
         shuffle: bool = True,
+        retry: Retry = DEFAULT_RETRY,
     ) -> None:
         if seq_len < 1 or micro_batch_size < 1:
             raise DataError(
@@ -61,58 +73,82 @@ class TokenStream:
             )
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
-        self._manifest = load_manifest(root)
-        self._shards = self._manifest.split(split).shards
-        self._paths = self._manifest.shards(split)
-        self._tokens = np.array([s.tokens for s in self._shards], dtype=np.int64)  # (n_shards,)
-        self._total = int(self._tokens.sum())  # T: tokens of every epoch
-        if self._total < seq_len + 1:
-            raise DataError(
-                f"split {split!r} of {self._manifest.root} has {self._total} tokens, fewer than "
-                f"one window of seq_len + 1 = {seq_len + 1}: use a shorter seq_len (or more data)"
-            )
         self.split, self.seq_len, self.micro_batch_size = split, seq_len, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle = int(seed), bool(shuffle)  # plain types: they key the order
-        self._data_id = hashlib.sha256(manifest_bytes(self._manifest)).hexdigest()[:16]
+        self.specs, self.sources = _open(sources, split, seed=self.seed, shuffle=self.shuffle,
+                                         retry=retry)  # fmt: skip
+        self._cumulative = np.cumsum([s.weight for s in self.specs])  # (n_sources,)
+        self._cumulative[-1] = 1.0
+        width = seq_len + 1
+        for source in self.sources:
+            if source.total < width:
+                raise DataError(
+                    f"split {split!r} of {source.location.spec} has {source.total} tokens, fewer "
+                    f"than one window of seq_len + 1 = {width}: use a shorter seq_len (or more "
+                    "data)"
+                )
         self._round = dp_size * micro_batch_size  # windows all ranks consume per micro-batch
         self._window = 0  # global index of the first window of the next round
-        # Caches for the epoch and shard being read; positions only move forward.
-        self._plan: tuple[int, np.ndarray, np.ndarray] | None = None  # (epoch, order, bounds)
-        self._cached: tuple[int, list[np.ndarray], np.ndarray] | None = None  # shard, samples, lens
-        self._view: tuple[int, int, np.ndarray, np.ndarray] | None = None  # epoch, shard, ...
+        self._drawn = np.zeros(len(self.sources), dtype=np.int64)  # windows given per source
 
     @property
-    def manifest(self) -> Manifest:
-        return self._manifest
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
 
     @property
     def epoch(self) -> int:
-        """The epoch of the last token of the rounds consumed (0 before the first batch).
+        """The furthest epoch reached by any source's last window (0 before the first batch);
+        the same on every rank: all ranks draw every round."""
+        return max(self.epochs().values())
 
-        A round is shared by all ranks, so every rank reports the same epoch; it is the epoch of
-        the last token yielded by the last rank (and by every rank when dp_size is 1).
-        """
-        return max(self._window * (self.seq_len + 1) - 1, 0) // self._total
+    def epochs(self) -> dict[str, int]:
+        """Each source's epoch at the end of its last window drawn."""
+        width = self.seq_len + 1
+        return {
+            spec.name: max(int(n) * width - 1, 0) // source.total
+            for spec, source, n in zip(self.specs, self.sources, self._drawn, strict=True)
+        }
+
+    def windows_drawn(self) -> dict[str, int]:
+        """Windows drawn from each source so far, by all ranks together."""
+        return {spec.name: int(n) for spec, n in zip(self.specs, self._drawn, strict=True)}
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        width = self.seq_len + 1
-        mb = self.micro_batch_size
         while True:
-            start = (self._window + self.dp_rank * mb) * width  # this rank's block of the round
-            flat = self._read(start, start + mb * width)  # (mb * width,)
-            self._window += self._round
-            yield torch.from_numpy(flat.astype(np.int64).reshape(mb, width))  # (mb, seq_len + 1)
+            yield self.next_batch()
+
+    def next_batch(self) -> torch.Tensor:
+        """This rank's micro-batch of the next round (micro_batch_size, seq_len + 1)."""
+        which, index = self._draw()
+        mb = self.micro_batch_size
+        mine = slice(self.dp_rank * mb, (self.dp_rank + 1) * mb)
+        flat = self._read(which[mine], index[mine])  # (mb * (seq_len + 1),)
+        self._advance(which)
+        return torch.from_numpy(flat.astype(np.int64).reshape(mb, self.seq_len + 1))
+
+    def skip(self) -> None:
+        """Move past the next round without reading it (what `next_batch` does to the state)."""
+        self._advance(self._draw()[0])
 
     def state_dict(self) -> dict[str, Any]:
+        epochs, drawn = self.epochs(), self.windows_drawn()
         return {
             "version": STATE_VERSION,
             "split": self.split,
             "seq_len": self.seq_len,
             "seed": self.seed,
             "shuffle": self.shuffle,
-            "data": self._data_id,
             "window": self._window,  # the position: global index of the next round's first window
+            "sources": {
+                spec.name: {
+                    "data": source.location.data_id,
+                    "weight": spec.weight,
+                    "windows": drawn[spec.name],
+                    "epoch": epochs[spec.name],
+                }
+                for spec, source in zip(self.specs, self.sources, strict=True)
+            },
             "epoch": self.epoch,  # informative, like the layout below: both may change on resume
             "micro_batch_size": self.micro_batch_size,
             "dp_size": self.dp_size,
@@ -123,28 +159,19 @@ class TokenStream:
         """Continue where the stream that saved `state` stopped, with this stream's layout.
 
         dp_size, dp_rank and micro_batch_size may differ from the saver's, as long as the saved
-        position is a whole number of this layout's rounds. Raises `DataError` if it is not, or if
-        the state was saved with another split, seq_len, seed, shuffle or other data.
+        position is a whole number of this layout's rounds; so may the sources' weights and names
+        (sources are matched by their data). Raises `DataError` if the position is not a whole
+        number of rounds, or if the state was saved with another split, seq_len, seed, shuffle
+        or other data.
         """
-        if state.get("version") != STATE_VERSION:
-            raise DataError(
-                f"data stream state version {state.get('version')!r} is not supported "
-                f"(this code reads version {STATE_VERSION})"
-            )
+        state = _upgrade(state, self)
         mine = self.state_dict()
         for key in _CHECKED:
-            saved, here = state.get(key), mine[key]
-            if saved == here:
-                continue
-            if key == "data":
+            if state.get(key) != mine[key]:
                 raise DataError(
-                    "data stream state was saved for other prepared data (its manifest differs): "
-                    "resume with the same data"
+                    f"data stream state was saved with {key}={state.get(key)!r}, this stream has "
+                    f"{key}={mine[key]!r}: resume with the same {key}"
                 )
-            raise DataError(
-                f"data stream state was saved with {key}={saved!r}, this stream has "
-                f"{key}={here!r}: resume with the same {key}"
-            )
         window = state.get("window")
         if not isinstance(window, int) or isinstance(window, bool) or window < 0:
             raise DataError(f"data stream state position window={window!r} is invalid")
@@ -155,78 +182,106 @@ class TokenStream:
                 f"{self.micro_batch_size} = {self._round} windows: resume from a step "
                 f"boundary with a layout whose round divides the global batch"
             )
+        self._drawn = _match_sources(state, mine, window)
         self._window = window
 
-    def _read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) of the global stream (positions count from epoch 0's start)."""
+    def _draw(self) -> tuple[np.ndarray, np.ndarray]:
+        """The source of each window of the next round (R,) and its index in that source (R,)."""
+        which = choose(self._cumulative, self.seed, self._window, self._round)  # (R,)
+        index = np.empty(self._round, dtype=np.int64)  # (R,)
+        for k in range(len(self.sources)):
+            mask = which == k
+            index[mask] = self._drawn[k] + np.arange(int(mask.sum()))
+        return which, index
+
+    def _advance(self, which: np.ndarray) -> None:
+        self._drawn += np.bincount(which, minlength=len(self.sources))
+        self._window += self._round
+
+    def _read(self, which: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """The windows (source which[i], index[i]) back to back; runs of consecutive windows of
+        one source are one read."""
+        width = self.seq_len + 1
         pieces: list[np.ndarray] = []
-        while start < stop:
-            epoch, at = divmod(start, self._total)
-            order, bounds = self._epoch_plan(epoch)
-            k = int(np.searchsorted(bounds, at, side="right")) - 1  # position in `order`
-            shard = int(order[k])
-            samples, within, sample_bounds = self._shard_view(epoch, shard)
-            at -= int(bounds[k])  # offset in the shard's ordered tokens
-            end = min(at + stop - start, int(sample_bounds[-1]))
-            j = int(np.searchsorted(sample_bounds, at, side="right")) - 1
-            while at < end:
-                first = int(sample_bounds[j])
-                sample = samples[within[j]]
-                piece = sample[at - first : min(end - first, len(sample))]
-                pieces.append(piece)
-                at += len(piece)
-                start += len(piece)
+        i = 0
+        while i < len(which):
+            j = i + 1
+            while j < len(which) and which[j] == which[i] and index[j] == index[j - 1] + 1:
                 j += 1
+            source = self.sources[int(which[i])]
+            pieces.append(source.read(int(index[i]) * width, int(index[j - 1] + 1) * width))
+            i = j
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    def _epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's shard order (n_shards,) and token offsets of its shards (n_shards + 1,),
-        from manifest counts alone."""
-        if self._plan is None or self._plan[0] != epoch:
-            order = self._order(len(self._shards), "shards", epoch)  # (n_shards,)
-            bounds = np.concatenate([[0], np.cumsum(self._tokens[order])])  # (n_shards + 1,)
-            self._plan = (epoch, order, bounds)
-        return self._plan[1], self._plan[2]
 
-    def _shard_view(
-        self, epoch: int, shard: int
-    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-        """The shard's samples, their order in `epoch` (n,) and token offsets in that order
-        (n + 1,). Offsets use the samples' real lengths, so they hold for any sample cut."""
-        samples, lengths = self._load(shard)
-        if self._view is None or self._view[:2] != (epoch, shard):
-            within = self._order(len(samples), "samples", epoch, shard)  # (n,)
-            offsets = np.concatenate([[0], np.cumsum(lengths[within])])  # (n + 1,)
-            self._view = (epoch, shard, within, offsets)
-        return samples, self._view[2], self._view[3]
-
-    def _order(self, n: int, *key: str | int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(n)
-        return permutation(n, self.seed, *key)
-
-    def _load(self, shard: int) -> tuple[list[np.ndarray], np.ndarray]:
-        if self._cached is None or self._cached[0] != shard:
-            self._cached = None  # free the previous shard before reading the next
-            samples = read_shard(
-                self._paths[shard], self._shards[shard], dtype=self._manifest.dtype
-            )
-            lengths = np.array([len(s) for s in samples], dtype=np.int64)  # (n,)
-            self._cached = (shard, samples, lengths)
-        return self._cached[1], self._cached[2]
+def _open(
+    sources: str | Path | Sequence[SourceSpec],
+    split: str,
+    *,
+    seed: int,
+    shuffle: bool,
+    retry: Retry,
+) -> tuple[list[SourceSpec], list[Source]]:
+    """The mixture's specs (normalised) and a reader of `split` for each."""
+    if isinstance(sources, (str, Path)):
+        path = str(Path(sources).expanduser()) if isinstance(sources, Path) else sources
+        specs = normalise([SourceSpec(path)])
+    else:
+        specs = normalise(list(sources))
+    located = [(spec, locate(spec.path, retry=retry)) for spec in specs]
+    check_tokenizers(located)
+    if len(located) > 1:
+        kept = [(s, loc) for s, loc in located if split in loc.manifest.splits]
+        for spec, _ in located:
+            if all(spec is not s for s, _ in kept):
+                log.info("data source %r has no %s split: left out of it", spec.name, split)
+        located = kept or located[:1]  # none has it: the first raises below
+        total = sum(s.weight for s, _ in located)
+        located = [(SourceSpec(s.path, s.weight / total, s.name), loc) for s, loc in located]
+    readers = [Source(loc, split, seed=seed, shuffle=shuffle, retry=retry) for _, loc in located]
+    return [s for s, _ in located], readers
 
 
-def permutation(n: int, *key: str | int) -> np.ndarray:
-    """A pseudo-random permutation of range(n) determined by `key` alone.
+def _upgrade(state: dict[str, Any], stream: TokenStream) -> dict[str, Any]:
+    """A state of an older version, in this version's terms (version 2: one source)."""
+    version = state.get("version")
+    if version == STATE_VERSION:
+        return state
+    if version == 2 and len(stream.sources) == 1 and isinstance(state.get("window"), int):
+        spec = stream.specs[0]
+        one = {"data": state.get("data"), "weight": 1.0, "windows": state["window"]}
+        return {**state, "version": STATE_VERSION, "sources": {spec.name: one}}
+    raise DataError(
+        f"data stream state version {version!r} is not supported "
+        f"(this code reads version {STATE_VERSION})"
+    )
 
-    Sorts splitmix64 hashes of the indices, so it is the same on every platform and numpy version
-    (numpy's Generator streams may change between releases, which would break resuming).
-    """
-    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-    with np.errstate(over="ignore"):
-        x = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # (n,)
-        x += np.uint64(int.from_bytes(digest, "little"))
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return np.argsort(x, kind="stable")
+
+def _match_sources(state: dict[str, Any], mine: dict[str, Any], window: int) -> np.ndarray:
+    """Windows drawn per source (in this stream's order), matched to the saved sources by data."""
+    saved = state.get("sources")
+    if not isinstance(saved, dict):
+        raise DataError("data stream state has no per-source positions")
+    by_data = {v.get("data"): v for v in saved.values() if isinstance(v, dict)}
+    here = mine["sources"]
+    if set(by_data) != {v["data"] for v in here.values()}:
+        raise DataError(
+            "data stream state was saved for other prepared data (its sources' manifests "
+            f"differ: saved {sorted(saved)}, now {sorted(here)}): resume with the same data"
+        )
+    drawn = []
+    for name, info in here.items():
+        windows = by_data[info["data"]].get("windows")
+        if not isinstance(windows, int) or isinstance(windows, bool) or windows < 0:
+            raise DataError(f"data stream state position of source {name!r} is invalid")
+        weight = by_data[info["data"]].get("weight")
+        if weight is not None and abs(weight - info["weight"]) > 1e-12:
+            log.info("data source %r: weight %.4g on resume (was %.4g)", name, info["weight"],
+                     weight)  # fmt: skip
+        drawn.append(windows)
+    if sum(drawn) != window:
+        raise DataError(
+            f"data stream state is inconsistent: its sources gave {sum(drawn)} windows, "
+            f"its position is window {window}"
+        )
+    return np.array(drawn, dtype=np.int64)

@@ -75,9 +75,12 @@ class Logbook:
             return
         self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
         if self._wandb is not None:
-            numbers = {
-                k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"
+            flat = {  # a dict value (tokens_per_source) becomes key/name series
+                f"{k}/{name}" if isinstance(v, dict) else k: x
+                for k, v in record.items()
+                for name, x in (v.items() if isinstance(v, dict) else [(None, v)])
             }
+            numbers = {k: v for k, v in flat.items() if isinstance(v, int | float) and k != "step"}
             self._wandb.log(numbers, step=record["step"])
 
     def close(self) -> None:

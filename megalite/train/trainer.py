@@ -8,6 +8,7 @@ data-parallel rank, i.e. `global_batch_size` sequences in all.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -21,7 +22,10 @@ import torch.distributed as dist
 
 from megalite.checkpoint import store, training, universal
 from megalite.cluster.signals import StopRequest, signal_name
-from megalite.config import Config
+from megalite.config import Config, data_sources
+from megalite.data.loader import Loader
+from megalite.data.mixture import normalise
+from megalite.data.shards import Retry
 from megalite.data.stream import TokenStream
 from megalite.model.flops import flops_per_token
 from megalite.model.llama import cross_entropy
@@ -76,18 +80,14 @@ class Trainer:
         self.ckpt_root = run_dir / "checkpoints"
         self.logbook = logbook
         t = cfg.trainer
-        self.data_path = Path(cfg.data.path)
-        self.train_stream = TokenStream(
-            self.data_path,
-            "train",
-            seq_len=t.seq_len,
-            micro_batch_size=t.micro_batch_size,
-            dp_rank=dims.dp_rank,
-            dp_size=dims.dp,
-            seed=t.seed,
-            shuffle=cfg.data.shuffle,
+        self.sources = normalise(data_sources(cfg.data))
+        self.train_data = Loader(
+            self._stream("train", shuffle=cfg.data.shuffle),
+            workers=cfg.data.workers,
+            prefetch=cfg.data.prefetch,
+            pin_memory=device.type == "cuda",
         )
-        self._batches = iter(self.train_stream)
+        self._batches = iter(self.train_data)
         self._pairs = pairs(self._batches)
         self.step = 0
         self.consumed_tokens = 0
@@ -103,6 +103,22 @@ class Trainer:
         self.tp_shards = _all_shard_specs(self.engine.module)
         self.pipeline = cfg.parallel.pp > 1
 
+    def _stream(self, split: str, *, shuffle: bool) -> functools.partial[TokenStream]:
+        """A factory of this rank's stream of `split` (picklable, for loader workers)."""
+        t, d = self.cfg.trainer, self.cfg.data
+        return functools.partial(
+            TokenStream,
+            self.sources,
+            split,
+            seq_len=t.seq_len,
+            micro_batch_size=t.micro_batch_size,
+            dp_rank=self.dims.dp_rank,
+            dp_size=self.dims.dp,
+            seed=t.seed,
+            shuffle=shuffle,
+            retry=Retry(attempts=d.read_attempts, delay_s=d.retry_delay_s),
+        )
+
     # ---- state ----------------------------------------------------------------------------
 
     def resume(self, ckpt: Path) -> None:
@@ -117,8 +133,8 @@ class Trainer:
         self.consumed_tokens = state["consumed_tokens"]
         self.initial_val_loss = state.get("initial_val_loss")
         if state["data"] is not None:  # None: imported weights, the stream starts afresh
-            self.train_stream.load_state_dict(state["data"])
-        self._batches = iter(self.train_stream)
+            self.train_data.load_state_dict(state["data"])
+        self._batches = iter(self.train_data)
         self._pairs = pairs(self._batches)
         self.last_checkpoint = ckpt
         # A layout-free checkpoint is not yet one of this layout: the run saves its own even
@@ -133,7 +149,7 @@ class Trainer:
             "step": self.step,
             "consumed_tokens": self.consumed_tokens,
             "initial_val_loss": self.initial_val_loss,
-            "data": self.train_stream.state_dict(),
+            "data": self.train_data.state_dict(),
         }
         p = self.cfg.parallel
         meta = {
@@ -144,7 +160,7 @@ class Trainer:
             "tp_shards": self.tp_shards,
             "zero_stage": p.zero_stage,
             "precision": self.cfg.trainer.precision,
-            "data_path": str(self.data_path),
+            "data_path": self.sources[0].path,
             "wandb_run_id": self.logbook.wandb_run_id,
             "config": asdict(self.cfg),
         }
@@ -216,16 +232,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss over the first `eval_steps` micro-batches of each rank's val stream."""
         t = self.cfg.trainer
-        stream = TokenStream(
-            self.data_path,
-            "val",
-            seq_len=t.seq_len,
-            micro_batch_size=t.micro_batch_size,
-            dp_rank=self.dims.dp_rank,
-            dp_size=self.dims.dp,
-            seed=t.seed,
-            shuffle=False,
-        )
+        stream = self._stream("val", shuffle=False)()
         if self.pipeline:  # averaged over micro-batches and DP, broadcast to every stage
             loss = self.engine.eval_batch(pairs(stream), num_micro_batches=t.eval_steps)
             return float(loss)
@@ -241,13 +248,22 @@ class Trainer:
 
     def _log_eval(self, val_loss: float) -> None:
         ppl = math.exp(min(val_loss, 50.0))
-        log.info("step %d | val_loss %.4f | val_ppl %.2f", self.step, val_loss, ppl)
+        seen = {  # the realised mixture: training tokens drawn from each source so far
+            name: windows * self.cfg.trainer.seq_len
+            for name, windows in self.train_data.stream.windows_drawn().items()
+        }
+        mix = ""
+        if len(seen) > 1:
+            total = max(sum(seen.values()), 1)
+            mix = " | mix " + " ".join(f"{k} {100 * v / total:.1f}%" for k, v in seen.items())
+        log.info("step %d | val_loss %.4f | val_ppl %.2f%s", self.step, val_loss, ppl, mix)
         self.logbook.write(
             {
                 "step": self.step,
                 "val_loss": val_loss,
                 "val_ppl": ppl,
                 "tokens": self.consumed_tokens,
+                "tokens_per_source": seen,
             }
         )
 
@@ -311,7 +327,7 @@ class Trainer:
             ),
             "memory_gib": metrics.memory_gib(self.device),
             "tokens": self.consumed_tokens,
-            "epoch": self.train_stream.epoch,
+            "epoch": self.train_data.epoch,
         }
         log.info(format_line(record))
         self.logbook.write(record)

@@ -23,16 +23,18 @@ import numpy as np
 import pytest
 import torch
 
-from megalite.data import stream as stream_module
+from megalite.data import source as source_module
 from megalite.data.manifest import DataError, load_manifest, read_shard
+from megalite.data.shards import Retry
 from megalite.data.stream import TokenStream, permutation
 
 SEED = 7
 LAYOUT: dict[str, Any] = {"seq_len": 15, "micro_batch_size": 2, "dp_rank": 0, "dp_size": 1}
+FAST_RETRY = Retry(attempts=2, delay_s=0.0)  # damaged shards fail fast
 
 
 def make(root: Path, split: str = "train", **overrides: Any) -> TokenStream:
-    return TokenStream(root, split, **({**LAYOUT, "seed": SEED} | overrides))
+    return TokenStream(root, split, **({**LAYOUT, "seed": SEED, "retry": FAST_RETRY} | overrides))
 
 
 def take(stream: TokenStream, n: int) -> list[torch.Tensor]:
@@ -117,13 +119,13 @@ def test_each_rank_opens_only_the_shards_its_windows_overlap(
 ) -> None:
     opened: list[int] = []
     m = load_manifest(small_data)
-    paths = m.shards("train")
+    paths = [str(p) for p in m.shards("train")]
 
-    def spy(path: Path, info: Any, *, dtype: str) -> list[np.ndarray]:
-        opened.append(paths.index(path))
-        return read_shard(path, info, dtype=dtype)
+    def spy(url: str, info: Any, *, dtype: str, retry: Any) -> list[np.ndarray]:
+        opened.append(paths.index(url))
+        return read_shard(Path(url), info, dtype=dtype)
 
-    monkeypatch.setattr(stream_module, "read_shard", spy)
+    monkeypatch.setattr(source_module, "read_shard_at", spy)
     order = permutation(len(paths), SEED, "shards", 0)
     bounds = np.cumsum([0] + [m.split("train").shards[s].tokens for s in order])
     block = 48 * 16  # a micro-batch: two full shards' worth of tokens

@@ -68,10 +68,12 @@ def test_corrupt_shard_names_the_shard(sample_data: Path, tmp_path: Path) -> Non
     shard = sorted((data / "train").glob("*.tar"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # truncated
     out = pretrain(
-        f"data.path={data}", f"trainer.run_dir={tmp_path / 'run'}", "trainer.max_steps=50"
-    )
+        f"data.path={data}", f"trainer.run_dir={tmp_path / 'run'}", "trainer.max_steps=50",
+        "data.read_attempts=2", "data.retry_delay_s=0",
+    )  # fmt: skip
     assert out.returncode == 1, out.stdout + out.stderr
-    assert shard.name in out.stderr.strip().splitlines()[-1]
+    last = out.stderr.strip().splitlines()[-1]
+    assert shard.name in last and "(2 attempts)" in last, last
 
 
 def test_resume_refuses_other_model_shape(sample_data: Path, tmp_path: Path) -> None:
