@@ -62,6 +62,14 @@ def test_typo_fails_at_composition() -> None:
         (["parallel.pp=2", "parallel.zero_stage=2"], "cannot run with pipeline parallelism"),
         (["trainer.precision=fp16"], "use fp32 or bf16"),
         (["data.path=/nonexistent/megalite"], "does not exist"),
+        (["data=mixture"], "data=mixture needs data.sources="),
+        (
+            ["data.path=/tmp", "data.sources=[{path: /tmp}]"],
+            "data.path and data.sources are both set",
+        ),
+        (["data.sources=[{path: /tmp, weight: -1}]"], "has weight -1.0: weights are ≥ 0"),
+        (["data.sources=[{path: /nonexistent/a}]"], "data path /nonexistent/a does not exist"),
+        (["data.workers=-1"], "data.workers=-1 must be >= 0"),
         (["optim.min_lr=1.0"], "optim.min_lr"),
         (["+cluster=slurm"], "1 x 8 = 8 ranks but tp x pp x dp = 1 x 1 x 1 = 1: set parallel.dp=8"),
         (

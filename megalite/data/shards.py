@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,6 +139,12 @@ def read_bytes(url: str) -> bytes:
     """All bytes of a local path or a WebDataset URL; OSError when it cannot be read whole."""
     if not _URL.match(url):
         return Path(url).read_bytes()
+    if url.startswith("pipe:"):  # as gopen runs it, with the command's own error kept
+        done = subprocess.run(url[5:], shell=True, capture_output=True)
+        if done.returncode != 0:
+            said = done.stderr.decode(errors="replace").strip().splitlines() or ["no message"]
+            raise OSError(f"command exited with status {done.returncode}: {said[-1]}")
+        return done.stdout
     from webdataset.gopen import gopen
 
     with gopen(url, "rb") as f:  # a pipe: raises at close when its command exits non-zero
