@@ -1,5 +1,5 @@
-"""Exact resume: N steps, stop, resume, N more equals 2N uninterrupted, bit for bit (fp32, dp=2,
-ZeRO 2), and a checkpoint folder on disk holds what the design says it holds."""
+"""Exact resume: a run resumed from step N of a 2N-step run continues it bit for bit (fp32; dp=2
+ZeRO 2 and TP/SP/PP layouts), and a checkpoint folder on disk holds what the design says."""
 
 from __future__ import annotations
 
@@ -42,11 +42,11 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_resume_is_bit_identical(layout: str, sample_data: Path, tmp_path: Path) -> None:
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run(sample_data, straight, *LAYOUTS[layout])
-    run(sample_data, split, *LAYOUTS[layout], f"trainer.stop_at_step={N}")
-    ckpt = store.latest(split / "checkpoints")
-    assert ckpt is not None and ckpt.name == store.step_name(N)
+    """2N steps straight, saving at step N; a run resumed from that checkpoint trains steps
+    N+1..2N with the straight run's losses, bit for bit."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(sample_data, straight, *LAYOUTS[layout], f"trainer.save_interval={N}")
+    ckpt = straight / "checkpoints" / store.step_name(N)
     meta = store.read_meta(ckpt)
     if "parallel.tp=2" in LAYOUTS[layout]:
         sp = "parallel.sequence_parallel=true" in LAYOUTS[layout]
@@ -54,19 +54,20 @@ def test_resume_is_bit_identical(layout: str, sample_data: Path, tmp_path: Path)
         assert meta["tp_shards"]["layers.0.mlp.w3.weight"]["kind"] == "gate_up"
         assert {"embed.weight", "layers.1.attn.wk.weight"} <= set(meta["tp_shards"])
         assert {"mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"} <= set(meta["files"])
-    run(sample_data, split, *LAYOUTS[layout], "trainer.resume=auto")
+    run(sample_data, resumed, *LAYOUTS[layout], f"trainer.resume={ckpt}")
 
-    want, got = train_losses(straight), train_losses(split)
-    assert sorted(got) == list(range(1, 2 * N + 1))
-    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]  # bit-identical
+    want, got = train_losses(straight), train_losses(resumed)
+    assert sorted(want) == list(range(1, 2 * N + 1))
+    assert sorted(got) == list(range(N + 1, 2 * N + 1))
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(got)]  # bit-identical
     if "parallel.pp=2" in LAYOUTS[layout]:  # every rank's log line shows the same loss
         last = [
             next(ln for ln in log.read_text().splitlines() if f"step {2 * N}/{2 * N}" in ln)
-            for log in sorted((split / "logs").glob("rank_*.log"))
+            for log in sorted((resumed / "logs").glob("rank_*.log"))
         ]
         assert len(last) == 8 and len({ln.split("] ", 1)[1].split(" | lr")[0] for ln in last}) == 1
     final_val = [r["val_loss"] for r in read_metrics(straight) if "val_loss" in r][-1]
-    assert [r["val_loss"] for r in read_metrics(split) if "val_loss" in r][-1] == final_val
+    assert [r["val_loss"] for r in read_metrics(resumed) if "val_loss" in r][-1] == final_val
 
 
 def test_checkpoint_contents(sample_data: Path, tmp_path: Path) -> None:
