@@ -309,3 +309,11 @@ def test_load_manifest_errors(tmp_path: Path, small_data: Path) -> None:
         load_manifest(root)
     with pytest.raises(DataError, match="no split 'test'"):
         make(small_data, "test")
+
+
+def test_fast_tar_parser_agrees_with_tarfile(small_data: Path) -> None:
+    from megalite.data import manifest
+
+    for path in load_manifest(small_data).shards("train")[:3]:
+        data = path.read_bytes()
+        assert manifest._tar_members(data) == manifest._tarfile_members(data)
