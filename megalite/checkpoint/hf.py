@@ -193,15 +193,22 @@ def _name_files(folder: Path, files: list[tuple[str, list[str]]], total: int) ->
 
 
 def _copy_tokenizer(reader: CheckpointReader, folder: Path) -> int | None:
-    """The run's tokenizer.json, if its data folder is still there; returns the EOS id."""
+    """The run's tokenizer, if its data folder is still there; returns the EOS id.
+
+    A `tokenizer.json` is loaded by `PreTrainedTokenizerFast`; a SentencePiece `tokenizer.model`
+    (prepare_data.py --tokenizer x.model) by `LlamaTokenizer`, which encodes with sentencepiece."""
     data = reader.meta.get("data_path")
     manifest = Path(data) / "manifest.json" if data else None
     if manifest is None or not manifest.is_file():
         return None
     info = json.loads(manifest.read_text())
-    shutil.copy(Path(data) / info.get("tokenizer", "tokenizer.json"), folder / "tokenizer.json")
+    name = info.get("tokenizer", "tokenizer.json")
+    shutil.copy(Path(data) / name, folder / name)
     eos = info.get("eod_token", "<|endoftext|>")
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos}
+    if name.endswith(".model"):
+        tok_cfg = {"tokenizer_class": "LlamaTokenizer", "eos_token": eos, "add_bos_token": False}
+    else:
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos}
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     return info.get("eod_token_id")
 

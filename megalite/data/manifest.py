@@ -1,8 +1,9 @@
 """The on-disk format shared by preparation and training: `manifest.json` and the tar shards.
 
-A prepared folder holds `tokenizer.json`, `manifest.json` and one folder of WebDataset tar shards
-per split (`train/shard-000000.tar`, ...). The manifest is written last and atomically, so a folder
-without one is an unfinished preparation. It records everything a reader needs without opening a
+A prepared folder holds `tokenizer.json` (or a SentencePiece `tokenizer.model`, named by the
+manifest's "tokenizer"), `manifest.json` and one folder of WebDataset tar shards per split
+(`train/shard-000000.tar`, ...). The manifest is written last and atomically, so a folder without
+one is an unfinished preparation. It records everything a reader needs without opening a
 shard: the token dtype, the end-of-document id, and per shard its sample, document and token
 counts and its sha256, which lets every data-parallel rank plan its share of an epoch from the
 manifest alone and lets the reader detect a damaged shard.
@@ -20,6 +21,7 @@ import json
 import os
 import tarfile
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,10 +83,11 @@ class Manifest:
     splits: dict[str, SplitInfo]
     stats: dict[str, int] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    tokenizer: str = TOKENIZER_NAME  # file name in `root`: tokenizer.json or a SentencePiece .model
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.root / TOKENIZER_NAME
+        return self.root / self.tokenizer
 
     def split(self, split: str) -> SplitInfo:
         """The named split, or a `DataError` that lists the splits there are."""
@@ -108,7 +111,6 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         """The manifest as written to disk: no root, no timestamps, totals added for readers."""
         out = {k: v for k, v in asdict(self).items() if k not in ("root", "splits")}
-        out["tokenizer"] = TOKENIZER_NAME
         out["splits"] = {
             name: {
                 "shards": [asdict(s) for s in info.shards],
@@ -177,6 +179,9 @@ def _from_json(root: Path, raw: dict[str, Any]) -> Manifest:
         name: SplitInfo([ShardInfo(**s) for s in info["shards"]])
         for name, info in raw["splits"].items()
     }
+    tokenizer = str(raw.get("tokenizer", TOKENIZER_NAME))
+    if Path(tokenizer).name != tokenizer:
+        raise ValueError(f"tokenizer {tokenizer!r} is not a file name")
     return Manifest(
         root=root,
         vocab_size=int(raw["vocab_size"]),
@@ -190,6 +195,7 @@ def _from_json(root: Path, raw: dict[str, Any]) -> Manifest:
         val_fraction=float(raw["val_fraction"]),
         splits=splits,
         stats={k: int(v) for k, v in raw.get("stats", {}).items()},
+        tokenizer=tokenizer,
     )
 
 
@@ -207,9 +213,32 @@ def _check_files(manifest: Manifest) -> None:
         raise DataError(f"tokenizer {manifest.tokenizer_path} is missing")
 
 
+@dataclass(frozen=True)
+class WriterPosition:
+    """How far a `ShardWriter` got, as of its last written shard: its shards, how many of the
+    split's documents lie wholly in them, and how many tokens (EOD included) of the next one."""
+
+    shards: list[ShardInfo]
+    documents_done: int = 0
+    tokens_into_next: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "shards": [asdict(s) for s in self.shards]}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> WriterPosition:
+        shards = [ShardInfo(**s) for s in raw["shards"]]
+        return cls(shards, int(raw["documents_done"]), int(raw["tokens_into_next"]))
+
+
 class ShardWriter:
     """One split's documents → one token stream → samples of `sample_tokens` tokens → shards of
-    `samples_per_shard` samples in `folder`, each written atomically as soon as it is full."""
+    `samples_per_shard` samples in `folder`, each written atomically as soon as it is full.
+
+    Resumable: `position` is updated after every shard (and `on_shard` called), and a writer made
+    with `resume=position` continues that stream exactly, given the split's documents from
+    `position.documents_done` on (the first is cut by the `tokens_into_next` already written).
+    """
 
     def __init__(
         self,
@@ -219,22 +248,33 @@ class ShardWriter:
         eod_id: int,
         sample_tokens: int,
         samples_per_shard: int,
+        resume: WriterPosition | None = None,
+        on_shard: Callable[[], None] | None = None,
     ) -> None:
         self.folder, self.dtype, self.eod_id = folder, dtype, eod_id
         self.sample_tokens, self.samples_per_shard = sample_tokens, samples_per_shard
+        self.on_shard = on_shard
         folder.mkdir(parents=True, exist_ok=True)
+        self.position = resume or WriterPosition([])
+        self._shards: list[ShardInfo] = list(self.position.shards)
+        self._next_key = sum(s.samples for s in self._shards)
+        self._stream_pos = sum(s.tokens for s in self._shards)  # offset of the first pending token
+        self._skip = self.position.tokens_into_next  # to drop from the next document added
+        self._docs_done = self.position.documents_done
+        self._done_end = self._stream_pos - self._skip  # stream offset past the last done document
         self._pending: list[np.ndarray] = []  # token pieces not yet cut into samples
         self._pending_tokens = 0
-        self._stream_pos = 0  # split-stream offset of the first pending token
         self._doc_ends: deque[int] = deque()  # split-stream offsets just past each document
         self._samples: list[np.ndarray] = []  # samples of the shard being filled
         self._shard_docs = 0
-        self._next_key = 0
-        self._shards: list[ShardInfo] = []
 
     def add(self, ids: np.ndarray) -> None:
         """Append one document's token ids; the EOD token is added here."""
         doc = np.append(ids, self.eod_id)  # (n + 1,)
+        if self._skip:
+            if self._skip >= len(doc):
+                raise DataError(f"cannot resume {self.folder}: the input no longer matches")
+            doc, self._skip = doc[self._skip :], 0
         self._pending.append(doc)
         self._pending_tokens += len(doc)
         self._doc_ends.append(self._stream_pos + self._pending_tokens)
@@ -265,8 +305,9 @@ class ShardWriter:
     def _add_sample(self, sample: np.ndarray) -> None:
         self._stream_pos += len(sample)
         while self._doc_ends and self._doc_ends[0] <= self._stream_pos:
-            self._doc_ends.popleft()
+            self._done_end = self._doc_ends.popleft()
             self._shard_docs += 1
+            self._docs_done += 1
         self._samples.append(sample)
         if len(self._samples) == self.samples_per_shard:
             self._write_shard()
@@ -286,6 +327,11 @@ class ShardWriter:
         )
         self._next_key += len(self._samples)
         self._samples, self._shard_docs = [], 0
+        self.position = WriterPosition(
+            list(self._shards), self._docs_done, self._stream_pos - self._done_end
+        )
+        if self.on_shard is not None:
+            self.on_shard()
 
 
 def shard_bytes(samples: list[np.ndarray], *, first_key: int) -> bytes:
@@ -345,20 +391,61 @@ def _decode_tar(data: bytes, dtype: np.dtype) -> list[np.ndarray]:
     members: list[tuple[str, np.ndarray]] = []
     headers: dict[bytes, tuple[tuple[int, ...], np.dtype]] = {}
     view = memoryview(data)
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for info in tar:
-            key, _, suffix = info.name.partition(".")
-            if not info.isreg() or suffix != TOKENS_SUFFIX:
-                raise ValueError(f"unexpected member {info.name!r}")
-            raw = view[info.offset_data : info.offset_data + info.size]
-            if len(raw) != info.size:
-                raise ValueError(f"member {info.name!r} is cut short")
-            array = _decode_npy(raw, headers)
-            if array.dtype != dtype or array.ndim != 1:
-                raise ValueError(f"member {info.name!r} is {array.dtype}{list(array.shape)}")
-            members.append((key, array))
+    for name, start, size in _tar_members(data):
+        key, _, suffix = name.partition(".")
+        if suffix != TOKENS_SUFFIX:
+            raise ValueError(f"unexpected member {name!r}")
+        raw = view[start : start + size]
+        if len(raw) != size:
+            raise ValueError(f"member {name!r} is cut short")
+        array = _decode_npy(raw, headers)
+        if array.dtype != dtype or array.ndim != 1:
+            raise ValueError(f"member {name!r} is {array.dtype}{list(array.shape)}")
+        members.append((key, array))
     members.sort(key=lambda m: m[0])
     return [array for _, array in members]
+
+
+def _tar_members(data: bytes) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file in a tar.
+
+    The shards `shard_bytes` writes (plain USTAR headers, regular files) are parsed here directly,
+    several times faster than `tarfile`, which sets the pace of streaming otherwise; anything
+    else — another header type, a damaged header — goes to `tarfile`, which parses or rejects it.
+    """
+    out: list[tuple[str, int, int]] = []
+    pos, end = 0, len(data)
+    while pos + 512 <= end:
+        header = data[pos : pos + 512]
+        if header == _ZERO_BLOCK:
+            return out
+        if header[257:263] != b"ustar\x00" or header[156:157] not in (b"0", b"\x00") or header[345]:
+            break  # not the plain USTAR file header we write
+        checksum = sum(header[:148]) + 256 + sum(header[156:])
+        try:
+            size = int(header[124:136].rstrip(b"\x00 ") or b"0", 8)
+            stored = int(header[148:156].rstrip(b"\x00 ") or b"-1", 8)
+        except ValueError:
+            break
+        if stored != checksum:
+            break
+        name = header[:100].rstrip(b"\x00").decode("utf-8")
+        out.append((name, pos + 512, size))
+        pos += 512 + -(-size // 512) * 512
+    return _tarfile_members(data)
+
+
+def _tarfile_members(data: bytes) -> list[tuple[str, int, int]]:
+    out = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for info in tar:
+            if not info.isreg():
+                raise ValueError(f"unexpected member {info.name!r}")
+            out.append((info.name, info.offset_data, info.size))
+    return out
+
+
+_ZERO_BLOCK = bytes(512)
 
 
 def _decode_npy(

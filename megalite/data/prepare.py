@@ -1,32 +1,48 @@
 """Raw text → tokenizer + WebDataset token shards + manifest: the library behind prepare_data.py.
 
-Two streaming passes over the inputs, so corpora larger than memory work: the first normalises,
-deduplicates, counts and (without `--tokenizer`) trains the byte-level BPE; the second tokenises
-each kept document, appends the end-of-document token, and feeds the split's token stream, which is
-cut into fixed-size samples and grouped into shards. Everything written is a pure function of the
-input bytes and the options (fixed tar metadata, seeded hashes, canonical JSON), so preparing twice
-gives byte-identical folders; `manifest.json` is written last, and marks the folder complete.
+Two streaming passes over the inputs, so corpora larger than memory work. The first reads and
+normalises (`inputs.py`), drops documents stage by stage (empty, quality filters, exact and near
+duplicates: `filters.py`, `dedup.py`), plans the train/val split, and (without `--tokenizer`)
+trains the byte-level BPE; its result, down to a keep bit per document, is saved in the output's
+work folder (`resume.py`). The second reads the inputs again, tokenises each kept document
+(in `--workers` processes, results in input order), appends the end-of-document token and feeds
+its split's `ShardWriter`, which cuts the token stream into samples and shards, until the
+`--max-tokens` cap. Everything written is a pure function of the input bytes and the options
+(fixed tar metadata, seeded hashes, canonical JSON), whatever the number of workers and however
+often the run was interrupted and resumed; `manifest.json` is written last and marks the folder
+complete.
 """
 
 from __future__ import annotations
 
-import functools
-import glob
+import contextlib
 import hashlib
-import json
-import os
-import re
+import logging
 import sys
-import unicodedata
 from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+import tokenizers
 from tqdm import tqdm
 
+from megalite.data.dedup import MinHasher, NearDupIndex
+from megalite.data.encode import (
+    EOD_TOKEN,
+    MIN_VOCAB,
+    SENTENCEPIECE_NAME,
+    Encoder,
+    EncodeTask,
+    TokenizerFile,
+    load_tokenizer,
+    train_tokenizer,
+    unpack,
+)
+from megalite.data.filters import PrepareStats, QualityFilter
+from megalite.data.inputs import find_inputs, normalize, read_texts
 from megalite.data.manifest import (
     MANIFEST_NAME,
     TOKENIZER_NAME,
@@ -37,33 +53,65 @@ from megalite.data.manifest import (
     atomic_write,
     write_manifest,
 )
+from megalite.data.parallel import Workers
+from megalite.data.resume import WORK_DIR, Journal, WorkFolder, fingerprint
+from megalite.data.split import SplitPlan
 
 PREPARE_VERSION = 1  # bump when the bytes written for the same input and options change
-EOD_TOKEN = "<|endoftext|>"
-MIN_VOCAB = 257  # the 256 byte tokens plus the end-of-document token
-_ENCODE_BATCH = 512  # documents per `encode_batch` call
-_SUFFIXES = (".txt", ".jsonl")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0/C1 controls but \t and \n
+DEDUP_MODES = ("exact", "minhash", "none")
+_BATCH_DOCS, _BATCH_CHARS = 512, 2**20  # a tokenizer / MinHash batch holds at most these
+
+__all__ = ["EOD_TOKEN", "MIN_VOCAB", "PREPARE_VERSION", "Options", "normalize", "prepare"]
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Document:
+    index: int  # position among all documents read, dropped ones included
     text: str  # normalised, not empty
-    digest: bytes  # 16-byte hash of the text: the identity used for deduplication and splitting
+    digest: bytes  # 16-byte hash of the text: the identity for exact dedup and splitting
 
 
-@dataclass
-class PrepareStats:
-    """What the reading pass saw; `manifest.json` keeps it under "stats"."""
+@dataclass(frozen=True)
+class Options:
+    """Every option that shapes the output (the resume fingerprint covers all of them)."""
 
-    input_files: int = 0
-    documents_read: int = 0
-    empty_dropped: int = 0
-    duplicates_dropped: int = 0
+    tokenizer: str | None = None  # path of an existing tokenizer file
+    vocab_size: int = 4096
+    val_fraction: float = 0.005
+    shard_tokens: int = 2**24
+    sample_tokens: int = 2048
+    seed: int = 0
+    txt_document: str = "paragraph"
+    text_field: str = "text"
+    eod_token: str | None = None  # None: "<|endoftext|>", or a SentencePiece model's EOS
+    dedup: str = "exact"
+    dedup_threshold: float = 0.8
+    minhash_perms: int = 128
+    filters: QualityFilter = field(default_factory=QualityFilter)
+    max_tokens: int | None = None
 
-    def as_dict(self) -> dict[str, int]:
-        kept = self.documents_read - self.empty_dropped - self.duplicates_dropped
-        return {**asdict(self), "documents_kept": kept}
+    def __post_init__(self) -> None:
+        if self.vocab_size < MIN_VOCAB:
+            raise DataError(f"--vocab-size {self.vocab_size} is too small: at least {MIN_VOCAB}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"--val-fraction {self.val_fraction} must be in [0, 1)")
+        if self.sample_tokens < 1 or self.shard_tokens < 1:
+            raise DataError("--sample-tokens and --shard-tokens must be positive")
+        if self.txt_document not in ("paragraph", "file"):
+            raise DataError(f"--txt-document {self.txt_document!r} must be 'paragraph' or 'file'")
+        if self.dedup not in DEDUP_MODES:
+            raise DataError(f"--dedup {self.dedup!r} must be one of {', '.join(DEDUP_MODES)}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise DataError(f"--max-tokens {self.max_tokens} must be ≥ 1")
+        if self.dedup == "minhash":  # checks the threshold and the permutation count
+            NearDupIndex(self.dedup_threshold, MinHasher(self.minhash_perms).perms)
+
+    def stages(self) -> list[str]:
+        dedup = {"exact": ["duplicates"], "minhash": ["duplicates", "near_duplicates"]}
+        cap = ["max_tokens"] if self.max_tokens is not None else []
+        return ["empty", *self.filters.stages(), *dedup.get(self.dedup, []), *cap]
 
 
 def prepare(
@@ -78,290 +126,375 @@ def prepare(
     seed: int = 0,
     txt_document: str = "paragraph",
     text_field: str = "text",
-    eod_token: str = EOD_TOKEN,
+    eod_token: str | None = None,
+    dedup: str = "exact",
+    dedup_threshold: float = 0.8,
+    minhash_perms: int = 128,
+    min_chars: int | None = None,
+    max_chars: int | None = None,
+    max_symbol_fraction: float | None = None,
+    max_tokens: int | None = None,
+    workers: int = 1,
     progress: bool = False,
 ) -> Manifest:
-    """Prepare `inputs` (files, folders, globs of .txt/.jsonl) into the folder `output`.
+    """Prepare `inputs` (files, folders, globs of .txt/.jsonl[.gz|.zst]/.parquet) into the
+    folder `output`. The options are those of the CLI (see `Options`); `workers` and `progress`
+    change how, never what, is written.
 
-    `val_fraction=0` (or a single document) gives a train split only. Raises `DataError` for bad
-    input: missing paths, no documents, a jsonl line without `text_field`, a tokenizer file that
-    is missing or lacks `eod_token`.
+    `val_fraction=0` (or a single document) gives a train split only. Resumes an interrupted
+    preparation of the same inputs with the same options. Raises `DataError` for bad input:
+    missing paths, no documents, a record without `text_field`, a damaged file, a tokenizer file
+    that is missing or lacks the end-of-document token.
     """
-    _check_options(vocab_size, val_fraction, shard_tokens, sample_tokens, txt_document)
+    tok_path = None if tokenizer is None else str(Path(tokenizer).expanduser())
+    opts = Options(
+        tokenizer=tok_path,
+        vocab_size=vocab_size,
+        val_fraction=val_fraction,
+        shard_tokens=shard_tokens,
+        sample_tokens=sample_tokens,
+        seed=seed,
+        txt_document=txt_document,
+        text_field=text_field,
+        eod_token=eod_token,
+        dedup=dedup,
+        dedup_threshold=dedup_threshold,
+        minhash_perms=minhash_perms,
+        filters=QualityFilter(min_chars, max_chars, max_symbol_fraction),
+        max_tokens=max_tokens,
+    )
     files = find_inputs(inputs)
     out = Path(output).expanduser()
-    read = functools.partial(
-        read_documents, files, txt_document=txt_document, text_field=text_field
-    )
-    stats = PrepareStats(input_files=len(files))
-    plan = _SplitPlan(seed=seed, val_fraction=val_fraction)
-    first_pass = plan.observe(read(stats=stats))
-    if tokenizer is None:
-        tok = train_tokenizer(first_pass, vocab_size=vocab_size, eod_token=eod_token)
-        tokenizer_bytes = tok.to_str(pretty=True).encode()
-    else:
-        tok, tokenizer_bytes = _load_tokenizer(Path(tokenizer).expanduser())
-        deque(first_pass, maxlen=0)
-    if plan.documents == 0:
-        raise DataError(f"no documents found in {len(files)} input file(s)")
-    eod_id = tok.token_to_id(eod_token)
-    if eod_id is None:
-        raise DataError(f"tokenizer has no end-of-document token {eod_token!r} (see --eod-token)")
-    tok.encode_special_tokens = True  # a literal "<|endoftext|>" in the text is text, not EOD
-    vocab = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids may have gaps
-    dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
-
-    _clear_output(out)
-    atomic_write(out / TOKENIZER_NAME, tokenizer_bytes)
-    writers = {
-        name: ShardWriter(
-            out / name,
-            dtype=dtype,
-            eod_id=eod_id,
-            sample_tokens=sample_tokens,
-            samples_per_shard=max(1, shard_tokens // sample_tokens),
-        )
-        for name in plan.split_names()
-    }
-    _tokenise(read(stats=PrepareStats()), tok, plan, writers, progress=progress)
-    manifest = Manifest(
-        root=out,
-        vocab_size=vocab,
-        dtype=dtype.name,
-        eod_token=eod_token,
-        eod_token_id=eod_id,
-        tokenizer_sha256=hashlib.sha256(tokenizer_bytes).hexdigest(),
-        seed=seed,
-        sample_tokens=sample_tokens,
-        shard_tokens=shard_tokens,
-        val_fraction=val_fraction,
-        splits={name: SplitInfo(w.close()) for name, w in writers.items()},
-        stats=stats.as_dict(),
-    )
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output {out} exists and is not a folder")
+    loaded = load_tokenizer(Path(tok_path), eod_token=opts.eod_token) if tok_path else None
+    work = WorkFolder(out, fingerprint(files, _fingerprint_options(opts, loaded)))
+    with Workers(workers) as pool:
+        pool.start()
+        first = _load_first_pass(work, out)
+        if first is None:
+            first = _first_pass(files, opts, loaded, pool, progress=progress)
+            _clear_output(out)
+            _save_first_pass(work, out, first)
+        else:
+            log.info("resuming: the first pass is done (%s)", out / WORK_DIR)
+        manifest = _second_pass(files, opts, first, work, pool, out, progress=progress)
     write_manifest(manifest)
+    work.remove()
     return manifest
 
 
-def _tokenise(
-    docs: Iterator[Document],
-    tok: Tokenizer,
-    plan: _SplitPlan,
-    writers: dict[str, ShardWriter],
+@dataclass
+class _FirstPass:
+    stats: PrepareStats
+    plan: SplitPlan
+    keep: np.ndarray  # (documents_read,) bool
+    tokenizer: TokenizerFile
+
+
+def _first_pass(
+    files: list[Path],
+    opts: Options,
+    tokenizer: TokenizerFile | None,
+    pool: Workers,
     *,
     progress: bool,
-) -> None:
-    """Second pass: each document's ids go to its split's writer, in input order."""
-    bar = tqdm(
-        total=plan.documents, unit="doc", desc="tokenising", file=sys.stderr, disable=not progress
-    )
+) -> _FirstPass:
+    stats = PrepareStats.for_stages(opts.stages(), input_files=len(files))
+    keep = bytearray()
+    plan = SplitPlan(seed=opts.seed, val_fraction=opts.val_fraction)
+    bar = tqdm(unit="doc", desc="reading", file=sys.stderr, disable=not progress, delay=1.0)
     with bar:
-        for batch in _batched(docs, _ENCODE_BATCH):
-            encoded = tok.encode_batch_fast([d.text for d in batch], add_special_tokens=False)
-            for doc, enc in zip(batch, encoded, strict=True):
-                writers[plan.split_of(doc)].add(np.asarray(enc.ids, dtype=np.int64))
-            bar.update(len(batch))
-
-
-def train_tokenizer(texts: Iterator[Document], *, vocab_size: int, eod_token: str) -> Tokenizer:
-    """Byte-level BPE with `eod_token` as its only special token (id 0).
-
-    Deterministic: the trainer breaks ties between equally frequent pairs by token ids, which
-    come from the sorted byte alphabet, so the merges do not depend on thread count or hash order
-    (checked by preparing twice and comparing tokenizer.json bytes).
-    """
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[eod_token],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    batches = ([d.text for d in batch] for batch in _batched(texts, _ENCODE_BATCH))
-    tok.train_from_iterator(batches, trainer=trainer)
-    return tok
-
-
-def normalize(text: str) -> str:
-    """Control characters other than newline and tab removed (so CRLF becomes LF), then NFC."""
-    return unicodedata.normalize("NFC", _CONTROL.sub("", text))
-
-
-def find_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Input specs → .txt/.jsonl files: files as given, folders recursively and globs, each sorted;
-    a file named twice is read once."""
-    files = [f for spec in inputs for f in _expand(str(spec))]
-    if not files:
-        raise DataError("no input given")
-    return list(dict.fromkeys(files))
-
-
-def _expand(spec: str) -> list[Path]:
-    path = Path(spec).expanduser()
-    if path.is_file():
-        if path.suffix.lower() not in _SUFFIXES:
-            raise DataError(f"input {spec} is neither a .txt nor a .jsonl file")
-        return [path]
-    if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _SUFFIXES)
-        if not found:
-            raise DataError(f"input folder {spec} holds no .txt or .jsonl files")
-        return found
-    if glob.has_magic(spec):
-        matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
-        wanted = [m for m in matches if Path(m).is_dir() or Path(m).suffix.lower() in _SUFFIXES]
-        found = [f for m in wanted for f in _expand(m)]
-        if not found:
-            raise DataError(f"input pattern {spec} matches no .txt or .jsonl file")
-        return found
-    raise DataError(f"input path {spec} does not exist")
-
-
-def read_documents(
-    files: Sequence[Path], *, stats: PrepareStats, txt_document: str, text_field: str
-) -> Iterator[Document]:
-    """The normalised, non-empty, first-seen documents of `files`, in order; counts in `stats`."""
-    seen: set[bytes] = set()
-    for path in files:
-        if path.suffix.lower() == ".jsonl":
-            texts = _jsonl_texts(path, text_field)
-        elif txt_document == "paragraph":
-            texts = _paragraphs(path)
+        docs = _candidates(files, opts, stats, keep, bar)
+        if opts.dedup == "minhash":
+            docs = _drop_near_duplicates(docs, opts, stats, keep, pool)
+        texts = (doc.text for doc in plan.observe(docs))
+        if tokenizer is None:
+            eod = opts.eod_token or EOD_TOKEN
+            tokenizer = train_tokenizer(texts, vocab_size=opts.vocab_size, eod_token=eod)
         else:
-            texts = iter([normalize(path.read_text(encoding="utf-8-sig", errors="replace"))])
-        for text in texts:
-            stats.documents_read += 1
-            if not text.strip():
-                stats.empty_dropped += 1
-                continue
+            deque(texts, maxlen=0)
+    if plan.documents == 0:
+        raise DataError(f"no documents found in {len(files)} input file(s)")
+    return _FirstPass(stats, plan, np.frombuffer(bytes(keep), np.uint8).astype(bool), tokenizer)
+
+
+def _read(files: list[Path], opts: Options) -> Iterator[str]:
+    for path in files:
+        yield from read_texts(path, txt_document=opts.txt_document, text_field=opts.text_field)
+
+
+def _candidates(
+    files: list[Path], opts: Options, stats: PrepareStats, keep: bytearray, bar: tqdm
+) -> Iterator[Document]:
+    """Documents that pass the empty, quality and exact-duplicate stages, in input order; appends
+    one keep flag per document read (1 for those yielded: later stages may clear it)."""
+    seen: set[bytes] = set()
+    for index, text in enumerate(_read(files, opts)):
+        stats.documents_read += 1
+        bar.update()
+        stage = "empty" if not text.strip() else opts.filters.reject(text)
+        digest = b""
+        if stage is None:
             digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
-            if digest in seen:
-                stats.duplicates_dropped += 1
-                continue
-            seen.add(digest)
-            yield Document(text, digest)
+            if opts.dedup != "none":
+                stage = "duplicates" if digest in seen else None
+                seen.add(digest)
+        keep.append(stage is None)
+        if stage is None:
+            yield Document(index, text, digest)
+        else:
+            stats.drop(stage)
 
 
-def _paragraphs(path: Path) -> Iterator[str]:
-    """Runs of non-blank lines; a line holding only whitespace counts as blank."""
-    lines: list[str] = []
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for line in f:
-            line = normalize(line)
-            if line.strip():
-                lines.append(line)
-            elif lines:
-                yield "".join(lines).rstrip()
-                lines = []
-    if lines:
-        yield "".join(lines).rstrip()
+def _drop_near_duplicates(
+    docs: Iterator[Document], opts: Options, stats: PrepareStats, keep: bytearray, pool: Workers
+) -> Iterator[Document]:
+    """MinHash signatures in the workers, decisions here in input order (first seen stays)."""
+    index = NearDupIndex(opts.dedup_threshold, opts.minhash_perms)
+    hasher = MinHasher(opts.minhash_perms)
+    sent: deque[list[Document]] = deque()
+
+    def texts() -> Iterator[list[str]]:
+        for batch in _batched(docs, text=lambda d: d.text):
+            sent.append(batch)
+            yield [d.text for d in batch]
+
+    for sigs in pool.map(hasher.signatures, texts()):
+        for doc, new in zip(sent.popleft(), index.add_batch(sigs), strict=True):
+            if new:
+                yield doc
+            else:
+                keep[doc.index] = 0
+                stats.drop("near_duplicates")
 
 
-def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                raise DataError(
-                    f"{path}:{line_no}: no {field!r} field (pick the field with --text-field)"
-                )
-            text = record[field]
-            if not isinstance(text, str):
-                kind = type(text).__name__
-                raise DataError(f"{path}:{line_no}: field {field!r} is {kind}, not a string")
-            yield normalize(text)
+def _second_pass(
+    files: list[Path],
+    opts: Options,
+    first: _FirstPass,
+    work: WorkFolder,
+    pool: Workers,
+    out: Path,
+    *,
+    progress: bool,
+) -> Manifest:
+    """Tokenise the kept documents into their splits' writers, resuming from the journal."""
+    enc = Encoder(first.tokenizer)
+    journal = _load_journal(work, out, first.plan)
+    fed = _Fed(journal.last_doc, journal.fed_tokens)
+    writers: dict[str, ShardWriter] = {}
+
+    def save() -> None:  # after every shard written, in any split
+        positions = {n: w.position for n, w in writers.items()}
+        work.save_journal(Journal(positions, fed.last_doc, fed.tokens))
+
+    for name in first.plan.split_names():
+        writers[name] = ShardWriter(
+            out / name,
+            dtype=enc.dtype,
+            eod_id=enc.eod_id,
+            sample_tokens=opts.sample_tokens,
+            samples_per_shard=max(1, opts.shard_tokens // opts.sample_tokens),
+            resume=journal.splits.get(name),
+            on_shard=save,
+        )
+    done = {n: w.position.documents_done for n, w in writers.items()}
+    seen = dict.fromkeys(writers, 0)
+    task = EncodeTask(
+        path=str(out / first.tokenizer.name),
+        sha256=hashlib.sha256(first.tokenizer.data).hexdigest(),
+        kind=first.tokenizer.kind,
+        eod_token=first.tokenizer.eod_token,
+        threads=1 if pool.n > 1 else None,  # a worker keeps to its core
+    )
+    total, off = first.plan.documents, not progress
+    bar = tqdm(total=total, unit="doc", desc="tokenising", file=sys.stderr, disable=off)
+
+    def todo() -> Iterator[tuple[Document, str]]:
+        """The documents still to write, with their split; skips what the journal has."""
+        for doc in _kept(files, opts, first.keep):
+            split = first.plan.split_of(doc)
+            seen[split] += 1
+            if seen[split] > done[split]:
+                yield doc, split
+            else:
+                bar.update()
+
+    sent: deque[list[tuple[Document, str]]] = deque()
+
+    def texts() -> Iterator[list[str]]:
+        for batch in _batched(todo(), text=lambda d: d[0].text):
+            sent.append(batch)
+            yield [doc.text for doc, _ in batch]
+
+    with bar, contextlib.closing(pool.map(task, texts())) as results:
+        for packed in results:
+            batch = sent.popleft()
+            if not _feed(batch, unpack(*packed), writers, fed, opts.max_tokens):
+                break
+            bar.update(len(batch))
+    return _manifest(out, opts, first, enc, writers)
 
 
-def _load_tokenizer(path: Path) -> tuple[Tokenizer, bytes]:
-    if not path.is_file():
-        raise DataError(f"tokenizer file {path} does not exist")
-    data = path.read_bytes()
+@dataclass
+class _Fed:
+    """The input index of the last document fed to a writer and the tokens fed up to it."""
+
+    last_doc: int
+    tokens: int
+
+
+def _feed(
+    batch: list[tuple[Document, str]],
+    ids: list[np.ndarray],
+    writers: dict[str, ShardWriter],
+    fed: _Fed,
+    max_tokens: int | None,
+) -> bool:
+    """Add a batch to the writers; False once the `max_tokens` cap stops the pass (documents
+    count whole: the one that reaches the cap is written). Documents up to `fed.last_doc` were
+    under the cap when first fed (a resumed run skipped some of them without tokenising, so it
+    cannot recount); later ones are counted here."""
+    for (doc, split), doc_ids in zip(batch, ids, strict=True):
+        if doc.index > fed.last_doc:
+            if max_tokens is not None and fed.tokens >= max_tokens:
+                return False
+            fed.last_doc, fed.tokens = doc.index, fed.tokens + len(doc_ids) + 1
+        writers[split].add(doc_ids)
+    return True
+
+
+def _kept(files: list[Path], opts: Options, keep: np.ndarray) -> Iterator[Document]:
+    """The documents the first pass kept, read again, in input order."""
+    n = 0
+    for n, text in enumerate(_read(files, opts), 1):  # noqa: B007 (the count is checked)
+        if n > len(keep):
+            break
+        if keep[n - 1]:
+            yield Document(n - 1, text, hashlib.blake2b(text.encode(), digest_size=16).digest())
+    if n != len(keep):
+        raise DataError(
+            f"the inputs changed during preparation ({n} documents now, {len(keep)} before)"
+        )
+
+
+def _manifest(
+    out: Path, opts: Options, first: _FirstPass, enc: Encoder, writers: dict[str, ShardWriter]
+) -> Manifest:
+    splits = {name: SplitInfo(w.close()) for name, w in writers.items()}
+    stats = PrepareStats(first.stats.input_files, first.stats.documents_read)
+    stats.dropped = dict(first.stats.dropped)
+    written = sum(s.documents for s in splits.values())
+    if opts.max_tokens is not None:
+        stats.dropped["max_tokens"] = first.plan.documents - written
+    for name in [n for n, s in splits.items() if not s.shards]:  # only the cap can empty one
+        if name == "train":
+            raise DataError(f"--max-tokens {opts.max_tokens} leaves no training documents")
+        log.warning("--max-tokens %d leaves split %r empty: left out", opts.max_tokens, name)
+        del splits[name]
+        with contextlib.suppress(OSError):  # leave a folder that holds other files
+            (out / name).rmdir()
+    return Manifest(
+        root=out,
+        vocab_size=enc.vocab_size,
+        dtype=enc.dtype.name,
+        eod_token=enc.eod_token,
+        eod_token_id=enc.eod_id,
+        tokenizer_sha256=hashlib.sha256(first.tokenizer.data).hexdigest(),
+        seed=opts.seed,
+        sample_tokens=opts.sample_tokens,
+        shard_tokens=opts.shard_tokens,
+        val_fraction=opts.val_fraction,
+        splits=splits,
+        stats=stats.as_dict(),
+        tokenizer=first.tokenizer.name,
+    )
+
+
+def _fingerprint_options(opts: Options, loaded: TokenizerFile | None) -> dict[str, Any]:
+    raw = asdict(opts)
+    if loaded is not None:  # the tokenizer's content counts, not where it was
+        raw["tokenizer"] = [loaded.kind, hashlib.sha256(loaded.data).hexdigest()]
+    return {"options": raw, "prepare": PREPARE_VERSION, "tokenizers": tokenizers.__version__}
+
+
+def _save_first_pass(work: WorkFolder, out: Path, first: _FirstPass) -> None:
+    atomic_write(out / first.tokenizer.name, first.tokenizer.data)
+    state = {
+        "stats": first.stats.as_dict(),
+        "plan": first.plan.to_json(),
+        "tokenizer": {
+            "name": first.tokenizer.name,
+            "kind": first.tokenizer.kind,
+            "eod_token": first.tokenizer.eod_token,
+            "sha256": hashlib.sha256(first.tokenizer.data).hexdigest(),
+        },
+    }
+    work.save_first_pass(state, first.keep)
+
+
+def _load_first_pass(work: WorkFolder, out: Path) -> _FirstPass | None:
+    saved = work.load_first_pass()
+    if saved is None:
+        return None
+    state, keep = saved
+    tok = state["tokenizer"]
     try:
-        return Tokenizer.from_str(data.decode()), data
-    except Exception as exc:  # tokenizers raises a bare Exception for a bad file
-        raise DataError(f"tokenizer file {path} cannot be loaded: {exc}") from exc
+        data = (out / tok["name"]).read_bytes()
+    except OSError:
+        return None
+    if hashlib.sha256(data).hexdigest() != tok["sha256"]:
+        return None
+    return _FirstPass(
+        PrepareStats.from_dict(state["stats"]),
+        SplitPlan.from_json(state["plan"]),
+        keep,
+        TokenizerFile(tok["kind"], data, tok["eod_token"]),
+    )
 
 
-def _check_options(
-    vocab_size: int, val_fraction: float, shard_tokens: int, sample_tokens: int, txt_document: str
-) -> None:
-    if vocab_size < MIN_VOCAB:
-        raise DataError(f"--vocab-size {vocab_size} is too small: at least {MIN_VOCAB}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DataError(f"--val-fraction {val_fraction} must be in [0, 1)")
-    if sample_tokens < 1 or shard_tokens < 1:
-        raise DataError("--sample-tokens and --shard-tokens must be positive")
-    if txt_document not in ("paragraph", "file"):
-        raise DataError(f"--txt-document {txt_document!r} must be 'paragraph' or 'file'")
+def _load_journal(work: WorkFolder, out: Path, plan: SplitPlan) -> Journal:
+    """The journal to resume from, with the output cleared of everything it does not list."""
+    journal = work.load_journal() or Journal({})
+    listed = {s.path for p in journal.splits.values() for s in p.shards}
+    if set(journal.splits) - set(plan.split_names()) or not all(
+        (out / path).is_file() for path in listed
+    ):
+        log.warning("the shards of the interrupted run are incomplete: writing them again")
+        journal, listed = Journal({}), set()
+    elif listed:
+        log.info("resuming: %d finished shard(s) kept", len(listed))
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for split_dir in (out / "train", out / "val"):
+        for stale in sorted(split_dir.glob("shard-*.tar*")):
+            if stale.relative_to(out).as_posix() not in listed:
+                stale.unlink()
+    return journal
 
 
 def _clear_output(out: Path) -> None:
-    """Make `out` an unfinished preparation: drop the manifest first, then our stale shards."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"output {out} exists and is not a folder")
+    """Make `out` an unfinished preparation: drop the manifest first, then our stale files."""
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for name in (TOKENIZER_NAME, SENTENCEPIECE_NAME):
+        (out / name).unlink(missing_ok=True)
     for split_dir in (out / "train", out / "val"):
         for stale in sorted(split_dir.glob("shard-*.tar*")):
             stale.unlink()
 
 
-def _batched(items: Iterator[Document], size: int) -> Iterator[list[Document]]:
-    batch: list[Document] = []
+def _batched(items: Iterator[T], *, text: Callable[[T], str]) -> Iterator[list[T]]:
+    """Consecutive batches of at most `_BATCH_DOCS` items and (unless one item is longer)
+    `_BATCH_CHARS` characters of text: small enough to spread evenly over the workers."""
+    batch: list[T] = []
+    chars = 0
     for item in items:
-        batch.append(item)
-        if len(batch) == size:
+        n = len(text(item))
+        if batch and (len(batch) == _BATCH_DOCS or chars + n > _BATCH_CHARS):
             yield batch
-            batch = []
+            batch, chars = [], 0
+        batch.append(item)
+        chars += n
     if batch:
         yield batch
-
-
-@dataclass
-class _SplitPlan:
-    """Assigns each document to val or train by a seeded hash of its text.
-
-    A document is val when its score (a hash mapped to [0, 1)) is below `val_fraction`. The first
-    pass (`observe`) counts; when that leaves val or train empty although there are ≥ 2 documents,
-    the document with the lowest (highest) score moves there, so both splits exist.
-    """
-
-    seed: int
-    val_fraction: float
-    documents: int = 0
-    val: int = 0
-    lowest: tuple[float, bytes] = (2.0, b"")
-    highest: tuple[float, bytes] = (-1.0, b"")
-
-    def observe(self, docs: Iterator[Document]) -> Iterator[Document]:
-        for doc in docs:
-            score = self._score(doc)
-            self.documents += 1
-            self.val += score < self.val_fraction
-            self.lowest = min(self.lowest, (score, doc.digest))
-            self.highest = max(self.highest, (score, doc.digest))
-            yield doc
-
-    def split_names(self) -> list[str]:
-        return ["train", "val"] if self.val_fraction > 0 and self.documents >= 2 else ["train"]
-
-    def split_of(self, doc: Document) -> str:
-        if "val" not in self.split_names():
-            return "train"
-        if self.val == 0 and doc.digest == self.lowest[1]:
-            return "val"
-        if self.val == self.documents and doc.digest == self.highest[1]:
-            return "train"
-        return "val" if self._score(doc) < self.val_fraction else "train"
-
-    def _score(self, doc: Document) -> float:
-        key = str(self.seed).encode()[:64]
-        h = hashlib.blake2b(doc.digest, digest_size=8, key=key).digest()
-        return int.from_bytes(h, "little") / 2**64
