@@ -6,7 +6,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from torch.multiprocessing import ProcessRaisedException
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from megalite.checkpoint.store import CheckpointError
 from megalite.cluster.slurm import JobFailed
@@ -30,4 +30,12 @@ def exit_on_error() -> Iterator[None]:
     except ProcessRaisedException as e:
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         print(f"error: rank {e.error_index} failed: {lines[-1]}", file=sys.stderr)
+        sys.exit(1)
+    except ProcessExitedException as e:  # killed (kill -9, the OOM killer) or os._exit(n)
+        how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with {e.exit_code}"
+        print(
+            f"error: rank {e.error_index} (pid {e.error_pid}) {how}; the other ranks were stopped. "
+            "Resume from the last checkpoint with trainer.resume=auto",
+            file=sys.stderr,
+        )
         sys.exit(1)

@@ -118,6 +118,13 @@ class TrainerConfig:
     compile: bool = False  # torch.compile each transformer block
     peak_flops: float | None = None  # per device; None: known GPU table, or cpu_peak_flops on CPU
     cpu_peak_flops: float = 1.0e11
+    keep_checkpoints: int = 0  # keep the newest N committed checkpoints (0: keep all)
+    # A collective that waits longer than this (a dead or stuck peer) fails the rank, so no rank
+    # hangs; seconds.
+    collective_timeout: float = 600.0
+    # With no step completed for this long, every rank dumps its Python stacks (faulthandler)
+    # into its log; seconds, 0 disables.
+    hang_timeout: float = 1800.0
 
 
 @dataclass
@@ -286,8 +293,17 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
 def validate_trainer(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> None:
     for key in ("max_steps", "seq_len", "micro_batch_size", "global_batch_size", "eval_steps"):
         _require(getattr(t, key) > 0, f"trainer.{key}={getattr(t, key)} must be positive")
-    for key in ("log_interval", "eval_interval", "save_interval"):
+    for key in (
+        "log_interval",
+        "eval_interval",
+        "save_interval",
+        "keep_checkpoints",
+        "hang_timeout",
+    ):
         _require(getattr(t, key) >= 0, f"trainer.{key} must be >= 0 (0 disables it)")
+    _require(
+        t.collective_timeout > 0, f"trainer.collective_timeout={t.collective_timeout} must be > 0"
+    )
     per_step = t.micro_batch_size * p.dp
     _require(
         t.global_batch_size % per_step == 0,

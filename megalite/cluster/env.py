@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 
 @dataclass(frozen=True)
@@ -97,12 +98,19 @@ def init_distributed(env: DistEnv, *, device: torch.device, timeout_s: float = 6
         # Share the cores between the local ranks instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # Groups made later with dist.new_group(...) and no timeout (DeepSpeed's among them) take
+    # torch's module default (30 min), not the world's: make that default ours too, so no
+    # collective of any group waits longer than `timeout_s` on a dead peer.
+    timeout = datetime.timedelta(seconds=timeout_s)
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
         rank=env.global_rank,
         world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
     )
     # DeepSpeed's own comm layer wraps the group just made (its pipeline module needs it before
     # the engine exists).

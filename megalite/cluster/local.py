@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch.multiprocessing as mp
+
+log = logging.getLogger(__name__)
+GRACE_S = 3.0
 
 
 def free_port() -> int:
@@ -29,6 +34,7 @@ def _child(
     local_rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple
 ) -> None:
     os.environ.update(
+        MEGALITE_LOCAL_CHILD="1",
         RANK=str(local_rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(local_rank),
@@ -45,9 +51,46 @@ def _child(
     os._exit(0)
 
 
+def local_child() -> bool:
+    """True in a rank this module started (not one of srun's or torchrun's)."""
+    return os.environ.get("MEGALITE_LOCAL_CHILD") == "1"
+
+
 def spawn(fn: Callable[..., Any], *, nprocs: int, args: tuple = ()) -> None:
-    """Run `fn(*args)` in `nprocs` fresh processes (spawn start method) and wait for all."""
+    """Run `fn(*args)` in `nprocs` fresh processes (spawn start method) and wait for all.
+
+    SIGTERM, SIGUSR1 or SIGUSR2 sent to this process asks the ranks to checkpoint and stop
+    (see cluster/signals.py): it is passed on to them, SIGTERM as SIGUSR1, since a child's SIGTERM
+    is what ends it when a sibling has failed.
+    """
     port = free_port()
-    mp.start_processes(
-        _child, args=(fn, nprocs, port, args), nprocs=nprocs, join=True, start_method="spawn"
+    ctx = mp.start_processes(
+        _child, args=(fn, nprocs, port, args), nprocs=nprocs, join=False, start_method="spawn"
     )
+    with _forwarding_stop_signals(ctx.processes):
+        # When one rank fails the others get GRACE_S to end by themselves (and log why), then
+        # SIGTERM, then after GRACE_S more SIGKILL: a rank stuck in C code still goes.
+        while not ctx.join(grace_period=GRACE_S):
+            pass
+
+
+@contextmanager
+def _forwarding_stop_signals(children: list[Any]) -> Iterator[None]:
+    def forward(signum: int, _frame: Any) -> None:
+        to = signal.SIGUSR1 if signum == signal.SIGTERM else signum
+        log.info(
+            "%s: asking the ranks to checkpoint and stop (%s)",
+            signal.Signals(signum).name,
+            signal.Signals(to).name,
+        )
+        for child in children:
+            if child.is_alive():
+                os.kill(child.pid, to)
+
+    stop_signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    previous = {s: signal.signal(s, forward) for s in stop_signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

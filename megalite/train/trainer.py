@@ -34,6 +34,7 @@ from megalite.parallel.engine import megalite_clips
 from megalite.parallel.parallelize import LossFn, shard_specs
 from megalite.train import metrics
 from megalite.train.logbook import Logbook, format_line
+from megalite.train.watchdog import HangWatchdog
 
 log = logging.getLogger("megalite")
 
@@ -78,6 +79,7 @@ class Trainer:
         self.device = device
         self.run_dir = run_dir
         self.ckpt_root = run_dir / "checkpoints"
+        self.log_file = run_dir / "logs" / f"rank_{dims.global_rank:05d}.log"  # see worker.py
         self.logbook = logbook
         t = cfg.trainer
         self.sources = normalise(data_sources(cfg.data))
@@ -171,6 +173,7 @@ class Trainer:
             global_rank=self.dims.global_rank,
             rank_state=rank_state,
             meta=meta,
+            keep=self.cfg.trainer.keep_checkpoints,
         )
         self.saved_step = self.step
         log.info("checkpoint step %d committed: %s", self.step, self.last_checkpoint)
@@ -274,10 +277,19 @@ class Trainer:
         if self.step == 0:
             self.initial_val_loss = self.evaluate()
             self._log_eval(self.initial_val_loss)
+        last = min(t.max_steps, t.stop_at_step or t.max_steps)
+        watchdog = HangWatchdog(self.log_file, timeout_s=t.hang_timeout)
+        try:
+            return self._loop(last, watchdog)
+        finally:
+            watchdog.close()
+
+    def _loop(self, last: int, watchdog: HangWatchdog) -> dict[str, Any]:
+        t = self.cfg.trainer
         window: list[dict[str, float]] = []
         window_start = time.perf_counter()
-        last = min(t.max_steps, t.stop_at_step or t.max_steps)
         while self.step < last:
+            watchdog.arm()
             window.append(self.train_step())
             if t.log_interval and (self.step % t.log_interval == 0 or self.step == last):
                 self._log_train(window, time.perf_counter() - window_start)

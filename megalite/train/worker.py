@@ -27,6 +27,7 @@ from megalite.cluster.env import (
     pick_device,
     release_distributed,
 )
+from megalite.cluster.local import local_child
 from megalite.cluster.signals import StopRequest
 from megalite.config import Config
 from megalite.model import ops
@@ -124,7 +125,7 @@ def run_worker(cfg: Config, run_dir: str, resume_from: str | None = None) -> dic
     setup_logging(run_path, global_rank=env.global_rank, level=cfg.logging.level)
     quiet_known_warnings()
     device = pick_device(cfg.trainer.device, local_rank=env.local_rank)
-    init_distributed(env, device=device)
+    init_distributed(env, device=device, timeout_s=cfg.trainer.collective_timeout)
     try:
         return _train(cfg, env, device, run_path, resume_from)
     finally:
@@ -139,7 +140,7 @@ def _train(
     dims.build_groups()
     ops.configure(cfg.kernels.backend, attention=cfg.kernels.attention)
     log.info(
-        "world %d = tp %d%s x pp %d x dp %d | ZeRO %d%s | %s | device %s | ops %s",
+        "world %d = tp %d%s x pp %d x dp %d | ZeRO %d%s | %s | device %s | pid %d | ops %s",
         dims.world_size,
         p.tp,
         " (sequence parallel)" if p.sequence_parallel else "",
@@ -151,6 +152,7 @@ def _train(
         else "",
         cfg.trainer.precision,
         device,
+        os.getpid(),
         ops.describe_backends(
             device=device,
             dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32,
@@ -171,12 +173,11 @@ def _train(
         resume_id=meta.get("wandb_run_id"),
     )
     # Checkpoint-and-stop signals: SIGUSR1/2 anywhere (SLURM's --signal, a user's kill); SIGTERM
-    # too in a SLURM job, where it announces a preemption or the time limit.
+    # too when an outside launcher (srun, torchrun) started the rank: it announces a preemption,
+    # a time limit or a user's stop. megalite's own launcher ends ranks with SIGTERM when one
+    # fails, so its children leave SIGTERM alone (it forwards a SIGTERM it gets as SIGUSR1).
     stop = StopRequest()
-    stop.install(
-        [signal.SIGUSR1, signal.SIGUSR2]
-        + ([signal.SIGTERM] if "SLURM_JOB_ID" in os.environ else [])
-    )
+    stop.install([signal.SIGUSR1, signal.SIGUSR2] + ([] if local_child() else [signal.SIGTERM]))
     try:
         trainer = Trainer(
             cfg,
