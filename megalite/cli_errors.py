@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,8 @@ def exit_on_error() -> Iterator[None]:
         sys.exit(1)
     except ProcessRaisedException as e:
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-        print(f"error: rank {e.error_index} failed: {lines[-1]}", file=sys.stderr)
+        cause = re.sub(r"^megalite\.[\w.]+: ", "", lines[-1])  # our errors speak for themselves
+        print(f"error: rank {e.error_index} failed: {cause}", file=sys.stderr)
         sys.exit(1)
     except ProcessExitedException as e:  # killed (kill -9, the OOM killer) or os._exit(n)
         how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with {e.exit_code}"

@@ -1,6 +1,7 @@
 """`python tools/convert.py` / `megalite-convert`: look into checkpoints and convert them.
 
 inspect CKPT                     layout, step, tokens, tensors, shapes and sizes
+verify CKPT                      every file's size and CRC-32 against meta.json
 to-hf --src CKPT --dst DIR       a Hugging Face LlamaForCausalLM folder (any source layout)
 """
 
@@ -9,7 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from megalite.checkpoint import store
 from megalite.checkpoint.store import CheckpointError
 
 
@@ -18,7 +21,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
     reader = CheckpointReader(args.ckpt)
     meta, m = reader.meta, reader.model
-    total_files = sum(meta["files"].values())
+    total_files = sum(store.file_size(entry) for entry in meta["files"].values())
     print(f"checkpoint   {reader.path}")
     print(f"step         {meta['step']}   tokens {meta['consumed_tokens']:,}")
     print(
@@ -37,6 +40,14 @@ def _inspect(args: argparse.Namespace) -> None:
         params += t.numel()
         print(f"{name:<40}{str(tuple(t.shape)):>20}{t.numel() * 4 / 2**20:>12.2f}")
     print(f"{'total':<40}{params:>20,}{params * 4 / 2**20:>12.2f}")
+
+
+def _verify(args: argparse.Namespace) -> None:
+    files = store.verify(Path(args.ckpt))["files"]
+    total = sum(store.file_size(entry) for entry in files.values())
+    sizes_only = sum(isinstance(entry, int) for entry in files.values())  # saved before CRC-32
+    how = f"{sizes_only} of them by size only: an older checkpoint" if sizes_only else "CRC-32"
+    print(f"ok: {args.ckpt}: {len(files)} files, {total / 2**20:,.1f} MiB checked ({how})")
 
 
 def _to_hf(args: argparse.Namespace) -> None:
@@ -104,6 +115,9 @@ def parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="print a checkpoint's layout and tensors")
     ins.add_argument("ckpt")
     ins.set_defaults(run=_inspect)
+    ver = sub.add_parser("verify", help="check every file of a checkpoint against its checksum")
+    ver.add_argument("ckpt")
+    ver.set_defaults(run=_verify)
     hf = sub.add_parser("to-hf", help="export a Hugging Face LlamaForCausalLM folder")
     hf.add_argument("--src", required=True, help="a committed checkpoint folder")
     hf.add_argument("--dst", required=True, help="a new folder")

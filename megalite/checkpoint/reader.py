@@ -47,7 +47,7 @@ class Local:
 class CheckpointReader:
     def __init__(self, ckpt: str | Path) -> None:
         self.path = Path(ckpt)
-        self.meta = store.read_meta(self.path)
+        self.meta = store.verify(self.path)  # every file's CRC-32: a tool reads them all
         self.model = ModelConfig(**self.meta["model"])
         layout = self.meta["layout"]
         self.tp, self.pp, self.dp = layout["tp"], layout["pp"], layout["dp"]

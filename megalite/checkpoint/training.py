@@ -3,11 +3,26 @@
 DeepSpeed writes model, optimizer (ZeRO-partitioned) and LR-scheduler state; megalite adds one
 small file per rank (data-stream position and RNG states, which differ per rank) and the metadata
 that `store.commit` seals. Every rank calls `save` and `load`; they are collective.
+
+Checksums are computed in parallel: once every rank's files are written, rank r fsyncs and hashes
+the files with index ≡ r (mod world size) of the sorted names, and rank 0 gathers the results
+into meta.json. Loading splits the verification the same way, before DeepSpeed reads anything.
+
+A failed write (a full disk, a file-size limit, a read-only or unwritable folder) never raises on
+one rank alone, which would leave the others waiting in a collective: every rank records its
+failure, the ranks agree at the next collective, and all raise the same one-line CheckpointError;
+the partial folder is removed and the previous checkpoint stays `latest`.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import logging
 import random
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +30,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megalite.checkpoint import store
+from megalite.checkpoint import faults, store
+
+log = logging.getLogger("megalite")
 
 
 def rng_state() -> dict[str, Any]:
@@ -45,23 +62,187 @@ def save(
     global_rank: int,
     rank_state: dict[str, Any],
     meta: dict[str, Any],
+    keep: int = 0,
 ) -> Path:
-    """Write a checkpoint of `step` under `root` and commit it; returns the committed folder."""
-    if global_rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        store.discard_partial(root)
-    dist.barrier()
+    """Write a checkpoint of `step` under `root` and commit it, then prune to the newest `keep`
+    (0: keep all); returns the committed folder. Raises CheckpointError on every rank, the
+    previous checkpoint kept, if any rank cannot write (see the module docstring)."""
     tmp = root / store.tmp_name(step)
-    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
-    torch.save({**rank_state, "rng": rng_state()}, tmp / store.rank_file(global_rank))
-    dist.barrier()  # every rank's files are on disk before one rank seals the folder
-    final = [store.commit(root, step, meta) if global_rank == 0 else None]
-    dist.broadcast_object_list(final, src=0)
-    return final[0]
+    fail = functools.partial(_fail_if, tmp=tmp, global_rank=global_rank)
+    fail(_agree(_attempt(_prepare, root, tmp, writing=tmp) if global_rank == 0 else None))
+    failure = _write_files(engine, tmp, global_rank=global_rank, rank_state=rank_state)
+    faults.point("after_rank_files", step=step)
+    fail(_agree(failure))  # also the barrier: every rank's files are on disk before any is hashed
+    files, failure = _hash_shares(tmp, global_rank=global_rank)
+    fail(failure)
+    outcome: list[Path | str | None] = [None]
+    if global_rank == 0:
+        try:
+            outcome = [store.commit(root, step, meta, files=files)]
+        except OSError as e:
+            outcome = [_failure(e, "commit")]
+    dist.broadcast_object_list(outcome, src=0)
+    final = outcome[0]
+    fail(final if isinstance(final, str) else None)
+    if global_rank == 0 and keep:
+        _prune(root, keep)
+    return final
+
+
+def _prepare(root: Path, tmp: Path) -> None:
+    """Rank 0, first: the checkpoint folder exists and is writable, no partial save is left."""
+    root.mkdir(parents=True, exist_ok=True)
+    store.discard_partial(root)
+    tmp.mkdir()
+
+
+def _write_files(
+    engine: Any, tmp: Path, *, global_rank: int, rank_state: dict[str, Any]
+) -> str | None:
+    """This rank's files: DeepSpeed's, then its own state. Returns the first failure (None if
+    none) instead of raising, after taking part in all of DeepSpeed's collectives."""
+    with _deferred_failures(engine) as writes:
+        failure = _attempt(
+            engine.save_checkpoint, str(tmp.parent), tag=tmp.name, save_latest=False, writing=tmp
+        )
+    if failure or writes.failure:
+        return failure or writes.failure
+    state = {**rank_state, "rng": rng_state()}
+    path = tmp / store.rank_file(global_rank)
+    return _attempt(_torch_save, state, path, writing=path)
+
+
+def _torch_save(obj: Any, path: Path, *, zipfile: bool = True) -> None:
+    """torch.save through a Python file, so that a failed write surfaces as the OSError (torch's
+    own file writer reports only "file write failed")."""
+    with open(path, "wb") as f:
+        torch.save(obj, f, _use_new_zipfile_serialization=zipfile)
+
+
+class _DeferredWrites:
+    """Stands in for the engine's checkpoint engine during a save: writes each file through a
+    Python file and, once a write fails, records the failure and skips this rank's remaining
+    writes instead of raising, so the rank stays in step with DeepSpeed's collectives."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.failure: str | None = None
+
+    def save(self, state_dict: Any, path: str) -> None:
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+            TorchCheckpointEngine,
+        )
+
+        if self.failure is not None:
+            return
+        if isinstance(self.inner, TorchCheckpointEngine):
+            zipfile = self.inner.zipfile_serialization
+            self.failure = _attempt(
+                _torch_save, state_dict, Path(path), zipfile=zipfile, writing=path
+            )
+        else:
+            self.failure = _attempt(self.inner.save, state_dict, path, writing=path)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@contextmanager
+def _deferred_failures(engine: Any) -> Iterator[_DeferredWrites]:
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = writes = _DeferredWrites(inner)
+    try:
+        yield writes
+    finally:
+        engine.checkpoint_engine = inner
+
+
+def _hash_shares(tmp: Path, *, global_rank: int) -> tuple[dict[str, Any], str | None]:
+    """Each rank fsyncs and checksums its share of the files (index ≡ rank mod world size);
+    returns every rank's entries together (what rank 0 commits) and the first failure."""
+    mine: dict[str, Any] = {}
+    failure = None
+    for rel in store.list_files(tmp)[global_rank :: dist.get_world_size()]:
+        try:
+            mine[rel] = store.file_entry(tmp / rel, fsync=True)
+        except OSError as e:
+            failure = _failure(e, f"hashing {rel}")
+            break
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (mine, failure))
+    files = {rel: entry for entries, _ in gathered for rel, entry in entries.items()}
+    return files, next((f for _, f in gathered if f), None)
+
+
+def _attempt(fn: Callable[..., Any], *args: Any, writing: Path | str, **kwargs: Any) -> str | None:
+    """Run `fn`; if it raised, the reason as one line (a failure for the ranks to agree on). Any
+    exception counts: torch reports a failed write as a RuntimeError over the OSError."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as e:
+        return _failure(e, f"writing {Path(writing).name}")
+    return None
+
+
+def _failure(exc: Exception, doing: str) -> str:
+    """E.g. "File too large [EFBIG] writing mp_rank_00_model_states.pt on rank 0"."""
+    log.warning("checkpoint: %s failed: %s", doing, exc, exc_info=True)  # traceback in the log
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.errno:
+        reason = f"{cause.strerror} [{errno.errorcode.get(cause.errno, cause.errno)}]"
+        name = Path(cause.filename).name if cause.filename else ""
+        doing += f" ({name})" if name and name not in doing else ""
+    else:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{reason} {doing} on rank {dist.get_rank()}"
+
+
+def _agree(failure: str | None) -> str | None:
+    """Every rank's failure (or None), gathered; the first in rank order, the same on all."""
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, failure)
+    return next((f for f in gathered if f), None)
+
+
+def _fail_if(failure: str | None, tmp: Path, *, global_rank: int) -> None:
+    """Raise the agreed failure as CheckpointError (rank 0 first removes the partial folder)."""
+    if failure is None:
+        return
+    if global_rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    previous = store.latest(tmp.parent)
+    kept = f"the previous checkpoint {previous} is kept" if previous else "there is no earlier one"
+    name = tmp.name.removeprefix(store.TMP_PREFIX)
+    raise store.CheckpointError(f"cannot save checkpoint {name}: {failure}; {kept}")
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Prune after a commit; a failure leaves old checkpoints behind, never stops training."""
+    try:
+        pruned = store.prune(root, keep=keep)
+    except OSError as e:
+        log.warning("pruning old checkpoints in %s failed: %s; they are left in place", root, e)
+        return
+    if pruned:
+        log.info("pruned %s (trainer.keep_checkpoints=%d)", ", ".join(pruned), keep)
+
+
+def verify_shared(ckpt: Path) -> None:
+    """Every rank checks sizes and CRC-32 of its share of `ckpt`'s files (index ≡ rank mod world
+    size); all raise the same CheckpointError naming the first damaged file. Collective."""
+    files = store.read_meta(ckpt)["files"]
+    problem = store.first_problem(ckpt, files, part=dist.get_rank(), parts=dist.get_world_size())
+    problem = _agree(problem)
+    if problem is not None:
+        raise store.CheckpointError(f"{ckpt}: {problem}")
 
 
 def load(engine: Any, ckpt: Path, *, global_rank: int) -> dict[str, Any]:
-    """Restore engine state from a committed checkpoint; returns this rank's own saved state."""
+    """Restore engine state from a committed checkpoint, verified first (`verify_shared`);
+    returns this rank's own saved state."""
+    verify_shared(ckpt)
     load_path, _ = engine.load_checkpoint(
         str(ckpt.parent),
         tag=ckpt.name,

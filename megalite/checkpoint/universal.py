@@ -7,7 +7,7 @@ DeepSpeed's fragment API places it in the ZeRO partition this DP rank owns. The 
 position is DP-invariant (see data/stream.py), so one saved position serves every new rank.
 
 Folder: `meta.json` (format, step, tokens, model, target layout, optimizer step, LR scheduler and
-data-stream state, file sizes) and `tensors/<plain name>.<kind>.safetensors`.
+data-stream state, file sizes and CRC-32) and `tensors/<plain name>.<kind>.safetensors`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from megalite.checkpoint import store
+from megalite.checkpoint import store, training
 from megalite.checkpoint.reader import KINDS, CheckpointReader
 from megalite.parallel.tp_layers import TPShard
 
@@ -60,12 +60,8 @@ def write_universal(
 
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
-    """meta.json last, with every file's size (checked on load)."""
-    meta["files"] = {
-        str(p.relative_to(folder)): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+    """meta.json last, with every file's size and CRC-32 (checked on load)."""
+    meta["files"] = {rel: store.file_entry(folder / rel) for rel in store.list_files(folder)}
     (folder / store.META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -134,7 +130,9 @@ def _read(ckpt: Path, name: str, kind: str) -> torch.Tensor:
 
 
 def load_universal(engine: Any, ckpt: Path, *, tp: int, tp_rank: int) -> dict[str, Any]:
-    """Fill `engine` (any layout) from universal checkpoint `ckpt`; returns the saved rank state."""
+    """Fill `engine` (any layout) from universal checkpoint `ckpt`, verified first; returns the
+    saved rank state. Collective."""
+    training.verify_shared(ckpt)
     meta = store.read_meta(ckpt)
     place = _placer(engine.optimizer, step=float(meta["optimizer_step"]))
     kinds = KINDS if meta.get("optimizer_state", True) else ("param",)  # from-hf: weights only

@@ -628,7 +628,8 @@ def check(real: Path, workdir: Path, seed: int) -> bool:
     report(ok, f"generator's TP cut of the real full tensors = the real shards ({detail})", detail)
     # Rank files hold RNG states, whose pickled size varies with their values: not compared.
     files = [n for n in meta["files"] if not n.startswith("rank_")]
-    sizes = [n for n in files if meta["files"][n] != gmeta["files"].get(n)]
+    size = lambda m, n: store.file_size(m["files"][n]) if n in m["files"] else None
+    sizes = [n for n in files if size(meta, n) != size(gmeta, n)]
     print(f"  info {len(files) - len(sizes)}/{len(files)} files (rank files aside) of identical "
           f"size{f'; differing: {sizes[:4]}' if sizes else ''}")  # fmt: skip
     return not problems
