@@ -3,7 +3,9 @@
 With `workers` = N > 0, worker i of a torch DataLoader builds its own `TokenStream` from the
 position the trainer is at and produces micro-batches i, i + N, i + 2N, ... (skipping the rounds
 of the others without reading them); the DataLoader hands them out in worker order, so the batches
-are exactly those of one stream, `prefetch` per worker read ahead, pinned for a GPU. The trainer
+are exactly those of one stream, `prefetch` per worker read ahead, pinned for a GPU (they
+cross from the workers as arrays of the stored dtype, uint16 mostly, through the
+DataLoader's pipe: cheaper than shared-memory int64 tensors). The trainer
 process keeps a shadow stream that only counts rounds: its state is the position of the last batch
 handed out, which is what a checkpoint saves. With 0 workers the stream is read in-process.
 """
@@ -14,6 +16,7 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -60,16 +63,17 @@ class Loader:
             batch_size=None,
             num_workers=self.workers,
             prefetch_factor=self.prefetch,
-            pin_memory=self.pin_memory,
+            collate_fn=_as_is,
         )
         batches = iter(loader)
         while True:
             try:
-                batch = next(batches)
+                array = next(batches)
             except DataError as exc:  # re-raised from a worker, its traceback in the message
                 raise DataError(_worker_message(exc)) from None
             self.stream.skip()
-            yield batch
+            batch = torch.from_numpy(array.astype(np.int64))
+            yield batch.pin_memory() if self.pin_memory else batch
 
 
 class _Batches(IterableDataset):
@@ -86,9 +90,13 @@ class _Batches(IterableDataset):
         for _ in range(worker):
             stream.skip()
         while True:
-            yield stream.next_batch()
+            yield stream.next_tokens()
             for _ in range(n - 1):
                 stream.skip()
+
+
+def _as_is(batch: np.ndarray) -> np.ndarray:
+    return batch
 
 
 def _worker_message(exc: DataError) -> str:

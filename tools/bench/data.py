@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--vocab-size", type=int, default=32000)
+    parser.add_argument("--reuse", action="store_true", help="keep prepared folders in --work")
     args = parser.parse_args()
     work = args.work
     corpus = work / f"corpus-{args.mb:g}mb"
@@ -178,6 +179,9 @@ def main() -> None:
     outs = {}
     for workers in (1, 2):
         out = work / f"prepared-w{workers}"
+        outs[workers] = out
+        if args.reuse and (out / "manifest.json").is_file():
+            continue
         shutil.rmtree(out, ignore_errors=True)
         print(f"preparing with {workers} worker(s) ...", flush=True)
         seconds = timed(
@@ -185,7 +189,6 @@ def main() -> None:
                 [corpus], out, tokenizer=tok_dir / "tokenizer.json", workers=workers
             )
         )
-        outs[workers] = out
         rows.append((f"prepare, {workers} worker(s)", corpus_bytes / seconds / 1e6, "MB/s text"))
     identical = same_folders(outs[1], outs[2])
     data = outs[1]
