@@ -49,9 +49,10 @@ class ShardInfo:
     sha256: str
 
 
-@dataclass(frozen=True)
-class SplitInfo:
-    shards: list[ShardInfo]
+class SplitTotals:
+    """Totals over `self.shards`, whose items count samples, documents and tokens."""
+
+    shards: list[Any]
 
     @property
     def samples(self) -> int:
@@ -64,6 +65,11 @@ class SplitInfo:
     @property
     def tokens(self) -> int:
         return sum(s.tokens for s in self.shards)
+
+
+@dataclass(frozen=True)
+class SplitInfo(SplitTotals):
+    shards: list[ShardInfo]
 
 
 @dataclass(frozen=True)

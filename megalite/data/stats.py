@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megalite.data.encode import SENTENCEPIECE_NAME, Encoder, TokenizerFile
-from megalite.data.manifest import Manifest, load_manifest, read_shard
+from megalite.data.manifest import Manifest, SplitTotals, load_manifest, read_shard
 
 _BAR = 40  # characters of the longest histogram bar
 
@@ -31,25 +31,13 @@ class ShardStats:
 
 
 @dataclass
-class SplitStats:
+class SplitStats(SplitTotals):
     """One split, counted from its shards; `token_counts[i]` is how often token i occurs."""
 
     name: str
     shards: list[ShardStats] = field(default_factory=list)
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     token_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-
-    @property
-    def samples(self) -> int:
-        return sum(s.samples for s in self.shards)
-
-    @property
-    def documents(self) -> int:
-        return sum(s.documents for s in self.shards)
-
-    @property
-    def tokens(self) -> int:
-        return sum(s.tokens for s in self.shards)
 
 
 def compute_stats(manifest: Manifest, *, progress: bool = False) -> dict[str, SplitStats]:
