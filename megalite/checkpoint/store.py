@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from megalite.checkpoint import faults
+from megalite import faults
 
 META = "meta.json"
 LATEST = "latest"

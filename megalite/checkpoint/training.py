@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megalite.checkpoint import faults, store
+from megalite import faults
+from megalite.checkpoint import store
 
 log = logging.getLogger("megalite")
 

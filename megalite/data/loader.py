@@ -46,6 +46,18 @@ class Loader:
     def epoch(self) -> int:
         return self.stream.epoch
 
+    @property
+    def position(self) -> int:
+        return self.stream.position
+
+    def skip(self, windows: int) -> None:
+        """Move past `windows` global windows (whole rounds) unread; the next `iter()` goes on
+        from there."""
+        if windows % self.stream.round_windows:
+            raise DataError(f"cannot skip {windows} windows: not whole rounds")
+        for _ in range(windows // self.stream.round_windows):
+            self.stream.skip()
+
     def state_dict(self) -> dict[str, Any]:
         return self.stream.state_dict()
 

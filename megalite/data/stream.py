@@ -93,6 +93,16 @@ class TokenStream:
         self._drawn = np.zeros(len(self.sources), dtype=np.int64)  # windows given per source
 
     @property
+    def position(self) -> int:
+        """Global index of the next round's first window (the same on every rank)."""
+        return self._window
+
+    @property
+    def round_windows(self) -> int:
+        """Windows all ranks consume per micro-batch: dp_size × micro_batch_size."""
+        return self._round
+
+    @property
     def names(self) -> list[str]:
         return [s.name for s in self.specs]
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megalite import faults
 from megalite.checkpoint import store, training, universal
 from megalite.cluster.signals import StopRequest, signal_name
 from megalite.config import Config, data_sources
@@ -33,6 +34,7 @@ from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import megalite_clips
 from megalite.parallel.parallelize import LossFn, shard_specs
 from megalite.train import metrics
+from megalite.train.anomaly import LossGuard
 from megalite.train.logbook import Logbook, format_line
 from megalite.train.watchdog import HangWatchdog
 
@@ -40,7 +42,15 @@ log = logging.getLogger("megalite")
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message names the last good checkpoint."""
+    """Training cannot go on (a loss anomaly); the message names the last good checkpoint."""
+
+
+class Anomaly(Exception):
+    """A step's loss is non-finite or a spike; `windows` are its batch's global windows."""
+
+    def __init__(self, reason: str, step: int, windows: range) -> None:
+        super().__init__(reason)
+        self.reason, self.step, self.windows = reason, step, windows
 
 
 def _all_shard_specs(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
@@ -101,6 +111,9 @@ class Trainer:
         self.peak_flops = metrics.peak_flops(
             device, precision=t.precision, configured=t.peak_flops, cpu_peak=t.cpu_peak_flops
         )
+        self.guard = LossGuard(spike_factor=t.spike_factor)
+        self.skipped: list[list[int]] = []  # [start, stop) windows skipped after a rollback
+        self.rollbacks = 0
         self.clip_here = megalite_clips(cfg)
         self.tp_shards = _all_shard_specs(self.engine.module)
         self.pipeline = cfg.parallel.pp > 1
@@ -136,6 +149,10 @@ class Trainer:
         self.initial_val_loss = state.get("initial_val_loss")
         if state["data"] is not None:  # None: imported weights, the stream starts afresh
             self.train_data.load_state_dict(state["data"])
+        anomaly = state.get("anomaly") or {}
+        self.guard.load_state_dict(anomaly.get("guard", {}))
+        self.skipped = sorted({*map(tuple, anomaly.get("skipped", [])), *map(tuple, self.skipped)})
+        self.skipped = [list(r) for r in self.skipped]
         self._batches = iter(self.train_data)
         self._pairs = pairs(self._batches)
         self.last_checkpoint = ckpt
@@ -152,6 +169,7 @@ class Trainer:
             "consumed_tokens": self.consumed_tokens,
             "initial_val_loss": self.initial_val_loss,
             "data": self.train_data.state_dict(),
+            "anomaly": {"guard": self.guard.state_dict(), "skipped": self.skipped},
         }
         p = self.cfg.parallel
         meta = {
@@ -187,8 +205,10 @@ class Trainer:
         return value.item() / self.dims.dp
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns loss, lr, grad norm."""
+        """One optimizer step over `grad_accum_steps` micro-batches; returns loss, lr, grad norm.
+        Raises `Anomaly` when the loss is non-finite or a spike (see anomaly.py)."""
         lr = self.scheduler.get_last_lr()[0]
+        first = self.train_data.position
         if self.pipeline:
             # The pipeline engine runs the 1F1B schedule over all micro-batches; only the first
             # and last stages draw from the stream. The loss is averaged over micro-batches and
@@ -199,11 +219,10 @@ class Trainer:
             loss_value, grad_norm = self._accumulate(self.cfg.grad_accum_steps)
         self.step += 1
         self.consumed_tokens += self.tokens_per_step
-        if not math.isfinite(loss_value):
-            where = self.last_checkpoint or "none (no checkpoint was saved yet)"
-            raise TrainingError(
-                f"non-finite loss ({loss_value}) at step {self.step}; last good checkpoint: {where}"
-            )
+        windows = range(first, self.train_data.position)  # this step's batch
+        loss_value = faults.bad_loss(loss_value, windows=windows)  # tests only
+        if (reason := self.guard.check(loss_value)) is not None:
+            raise Anomaly(reason, self.step, windows)
         norm = float(grad_norm) if grad_norm is not None else float("nan")
         return {"loss": loss_value, "lr": lr, "grad_norm": norm}
 
@@ -290,7 +309,12 @@ class Trainer:
         window_start = time.perf_counter()
         while self.step < last:
             watchdog.arm()
-            window.append(self.train_step())
+            self._skip_bad_batch()
+            try:
+                window.append(self.train_step())
+            except Anomaly as bad:
+                self._on_anomaly(bad)
+                continue
             if t.log_interval and (self.step % t.log_interval == 0 or self.step == last):
                 self._log_train(window, time.perf_counter() - window_start)
                 window, window_start = [], time.perf_counter()
@@ -314,6 +338,40 @@ class Trainer:
                 math.exp(min(self.initial_val_loss, 50.0)),
             )
         return result
+
+    def _on_anomaly(self, bad: Anomaly) -> None:
+        """trainer.anomaly: halt, or roll back to the last checkpoint and skip the bad batch."""
+        t, where = self.cfg.trainer, self.last_checkpoint
+        what = (
+            f"{bad.reason} at step {bad.step} (windows [{bad.windows.start}, {bad.windows.stop}))"
+        )
+        if t.anomaly == "halt" or where is None or self.rollbacks >= t.max_rollbacks:
+            why = ""
+            if t.anomaly == "rollback":
+                why = (
+                    "; no checkpoint to roll back to"
+                    if where is None
+                    else f"; trainer.max_rollbacks={t.max_rollbacks} reached"
+                )
+            good = where or "none (no checkpoint was saved yet)"
+            raise TrainingError(f"{what}{why}; last good checkpoint: {good}")
+        self.rollbacks += 1
+        log.warning("%s: rolling back to %s and skipping that batch", what, where)
+        self.skipped.append([bad.windows.start, bad.windows.stop])
+        self.resume(where)
+
+    def _skip_bad_batch(self) -> None:
+        """At a batch a rollback condemned, move past it unread."""
+        position = self.train_data.position
+        for start, stop in self.skipped:
+            if start == position:
+                log.info(
+                    "step %d: skipping windows [%d, %d) (rolled back)", self.step + 1, start, stop
+                )
+                self.train_data.skip(stop - start)
+                self._batches = iter(self.train_data)
+                self._pairs = pairs(self._batches)
+                return
 
     def _stop_on(self, signum: int) -> dict[str, Any]:
         """A stop request (see cluster/signals.py): checkpoint this step and stop here."""

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from megalite.checkpoint import faults, store, training
+from megalite import faults
+from megalite.checkpoint import store, training
 from megalite.cluster.launch import launch
 from tests.helpers import ROOT, short_job, short_job_overrides, train_losses
 
@@ -59,7 +60,7 @@ def test_kill_at_each_point_of_a_save_then_resume_ends_as_uninterrupted(
 ) -> None:
     """One run killed at each fault point in turn (a chain: each run resumes the one before,
     which costs half the runs of one kill and one resume per point), then one that finishes."""
-    assert sorted(spec.split("@")[0] for spec, _ in KILLS) == sorted(faults.POINTS)
+    assert sorted(spec.split("@")[0] for spec, _ in KILLS) == sorted(faults.SAVE_POINTS)
     ckpts = tmp_path / "checkpoints"
     for spec, latest_step in KILLS:
         monkeypatch.setenv(faults.ENV, spec)

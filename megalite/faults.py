@@ -1,4 +1,5 @@
-"""Test-only fault injection: this process kills itself with SIGKILL at a named point of a save.
+"""Test-only fault injection: a process kills itself at a named point of a save, or a step's loss
+turns bad, as real faults would.
 
 `MEGALITE_FAULT=<point>[@step=N][,rank=R]`, e.g. `MEGALITE_FAULT=before_rename@step=4`: the
 process of global rank R (any rank if not given) saving the checkpoint of step N (any step if not
@@ -9,6 +10,10 @@ it there. The points, in the order a save reaches them (see training.save and st
     before_rename                meta.json written and fsynced in `.tmp-step_N/`, not yet renamed
     after_rename_before_latest   `step_N/` committed, `latest` still names the previous one
     during_prune                 an old checkpoint renamed to `.trash-...`, not yet deleted
+
+`MEGALITE_FAULT=nan_loss@window=W` / `spike_loss@window=W`: the loss of the step whose batch holds
+global window W of the data stream becomes NaN / 100 times larger (see `bad_loss`): a bad batch,
+which the anomaly policy must survive (trainer.anomaly).
 
 Tests only (tests/faults/): never set it in a real run. Unset, `point` costs one environment
 lookup, a few times per checkpoint.
@@ -21,7 +26,9 @@ import signal
 import sys
 
 ENV = "MEGALITE_FAULT"
-POINTS = ("after_rank_files", "before_rename", "after_rename_before_latest", "during_prune")
+SAVE_POINTS = ("after_rank_files", "before_rename", "after_rename_before_latest", "during_prune")
+LOSS_POINTS = ("nan_loss", "spike_loss")
+POINTS = SAVE_POINTS + LOSS_POINTS
 
 
 def point(name: str, *, step: int) -> None:
@@ -33,6 +40,18 @@ def point(name: str, *, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def bad_loss(loss: float, *, windows: range) -> float:
+    """`loss`, or NaN / 100·loss if `MEGALITE_FAULT` names a loss point at a window in `windows`
+    (the global windows of this step's batch)."""
+    spec = os.environ.get(ENV)
+    if not spec or spec.partition("@")[0] not in LOSS_POINTS:
+        return loss
+    window = _conditions(spec).get("window")
+    if window is None or int(window) not in windows:
+        return loss
+    return float("nan") if spec.startswith("nan_loss") else 100.0 * loss
+
+
 def _rank() -> str:
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
 
@@ -40,14 +59,21 @@ def _rank() -> str:
 def _matches(spec: str, name: str, *, step: int) -> bool:
     """Whether `spec` selects point `name` at `step` on this rank; a malformed spec raises, so a
     test never passes because its fault silently never fired."""
-    target, _, conditions = spec.partition("@")
-    if target not in POINTS:
-        raise ValueError(f"{ENV}={spec}: unknown point {target!r} (one of {', '.join(POINTS)})")
-    want = dict(kv.split("=", 1) for kv in conditions.split(",") if "=" in kv)
-    if set(want) - {"step", "rank"} or len(want) != len([kv for kv in conditions.split(",") if kv]):
-        raise ValueError(f"{ENV}={spec}: expected <point>[@step=N][,rank=R]")
+    target = spec.partition("@")[0]
+    want = _conditions(spec)
     return (
         target == name
         and want.get("step", str(step)) == str(step)
         and want.get("rank", _rank()) == _rank()
     )
+
+
+def _conditions(spec: str) -> dict[str, str]:
+    target, _, conditions = spec.partition("@")
+    if target not in POINTS:
+        raise ValueError(f"{ENV}={spec}: unknown point {target!r} (one of {', '.join(POINTS)})")
+    pairs = [kv for kv in conditions.split(",") if kv]
+    want = dict(kv.split("=", 1) for kv in pairs if "=" in kv)
+    if set(want) - {"step", "rank", "window"} or len(want) != len(pairs):
+        raise ValueError(f"{ENV}={spec}: expected <point>[@step=N][,rank=R] or <point>@window=W")
+    return want
