@@ -60,10 +60,3 @@ def test_halt_names_the_step_batch_and_checkpoint(sample_data: Path, tmp_path: P
     last = out.stderr.strip().splitlines()[-1]
     assert "non-finite loss (nan) at step 5 (windows [32, 40)); last good checkpoint:" in last
     assert last.endswith(store.step_name(4))
-
-
-def test_rollback_needs_a_checkpoint(sample_data: Path, tmp_path: Path) -> None:
-    out = pretrain(sample_data, tmp_path, "nan_loss@window=3", "trainer.anomaly=rollback")
-    assert out.returncode == 1
-    last = out.stderr.strip().splitlines()[-1]
-    assert "at step 1 (windows [0, 8)); no checkpoint to roll back to" in last

@@ -65,7 +65,6 @@ def _tp_matches_reference(rank: int, tp: int, cfg: ModelConfig, sp: bool) -> Non
 CASES = [
     pytest.param(2, CFG, False, id="tp2"),
     pytest.param(2, CFG, True, id="tp2-sp"),
-    pytest.param(4, CFG, False, id="tp4-kv-replicated"),
     pytest.param(4, CFG, True, id="tp4-kv-replicated-sp"),
     pytest.param(4, replace(CFG, n_kv_heads=1, tie_embeddings=True), True, id="tp4-mqa-tied-sp"),
     pytest.param(2, replace(CFG, n_kv_heads=4, tie_embeddings=True), False, id="tp2-mha-tied"),
