@@ -151,8 +151,8 @@ class Trainer:
             self.train_data.load_state_dict(state["data"])
         anomaly = state.get("anomaly") or {}
         self.guard.load_state_dict(anomaly.get("guard", {}))
-        self.skipped = sorted({*map(tuple, anomaly.get("skipped", [])), *map(tuple, self.skipped)})
-        self.skipped = [list(r) for r in self.skipped]
+        saved = [list(r) for r in anomaly.get("skipped", [])]  # a rollback's own range is newer
+        self.skipped = sorted(saved + [r for r in self.skipped if r not in saved])
         self._batches = iter(self.train_data)
         self._pairs = pairs(self._batches)
         self.last_checkpoint = ckpt
