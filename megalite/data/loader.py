@@ -3,11 +3,11 @@
 With `workers` = N > 0, worker i of a torch DataLoader builds its own `TokenStream` from the
 position the trainer is at and produces micro-batches i, i + N, i + 2N, ... (skipping the rounds
 of the others without reading them); the DataLoader hands them out in worker order, so the batches
-are exactly those of one stream, `prefetch` per worker read ahead, pinned for a GPU (they
-cross from the workers as arrays of the stored dtype, uint16 mostly, through the
-DataLoader's pipe: cheaper than shared-memory int64 tensors). The trainer
-process keeps a shadow stream that only counts rounds: its state is the position of the last batch
-handed out, which is what a checkpoint saves. With 0 workers the stream is read in-process.
+are exactly those of one stream, `prefetch` per worker read ahead, pinned for a GPU. They cross
+from the workers as arrays of the stored dtype (uint16 mostly) through the DataLoader's pipe,
+cheaper than shared-memory int64 tensors. The trainer process keeps a shadow stream that only
+counts rounds: its state is the position of the last batch handed out, which is what a checkpoint
+saves. With 0 workers the stream is read in-process.
 """
 
 from __future__ import annotations
