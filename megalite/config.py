@@ -377,7 +377,7 @@ def validate_data(d: DataConfig) -> None:
         )
     if d.sources:
         try:
-            normalise(data_sources(d))
+            normalise(data_sources(d), warn=False)  # checks only: the launcher says it once
         except DataError as exc:
             raise ConfigError(str(exc)) from None
     _require(

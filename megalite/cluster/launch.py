@@ -20,7 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from megalite.checkpoint import store
 from megalite.cluster.env import from_environ
 from megalite.cluster.local import spawn
-from megalite.config import Config, ConfigError, data_sources, register_configs, validate
+from megalite.config import (
+    Config,
+    ConfigError,
+    SourceConfig,
+    data_sources,
+    register_configs,
+    validate,
+)
 from megalite.data.mixture import check_tokenizers, normalise
 from megalite.data.sample import prepare_sample
 from megalite.data.shards import Retry, is_pattern, locate
@@ -66,9 +73,10 @@ def resolve_data(cfg: Config) -> None:
     """Complete `cfg.data` for the workers: the bundled sample's folder (prepared once) when no
     data is given; local folders made absolute, so every rank, wherever it starts, reads them."""
     d = cfg.data
-    if d.sources:
-        for source in d.sources:
-            source.path = _absolute(source.path)
+    if d.sources:  # normalised once, here (the log says so): workers get weights summing to 1
+        d.sources = [
+            SourceConfig(_absolute(s.path), s.weight, s.name) for s in normalise(data_sources(d))
+        ]
     elif d.path is not None:
         d.path = _absolute(d.path)
     elif d.name != "shakespeare":

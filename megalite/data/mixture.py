@@ -32,11 +32,12 @@ class SourceSpec:
     name: str = ""
 
 
-def normalise(specs: list[SourceSpec]) -> list[SourceSpec]:
+def normalise(specs: list[SourceSpec], *, warn: bool = True) -> list[SourceSpec]:
     """Checked specs with names and weights summing to 1; zero-weight sources left out.
 
     Raises `DataError` for no source, a negative or non-finite weight, all weights zero or two
-    sources with one name. Weights that do not sum to 1 are scaled, and the log says so.
+    sources with one name. Weights that do not sum to 1 are scaled, and the log says so (unless
+    `warn` is False: a check whose caller normalises later).
     """
     if not specs:
         raise DataError(
@@ -51,13 +52,13 @@ def normalise(specs: list[SourceSpec]) -> list[SourceSpec]:
         if not math.isfinite(s.weight) or s.weight < 0:
             raise DataError(f"data source {s.name!r} has weight {s.weight}: weights are ≥ 0")
     for s in named:
-        if s.weight == 0:
+        if s.weight == 0 and warn:
             log.warning("data source %r has weight 0: it is left out", s.name)
     kept = [s for s in named if s.weight > 0]
     if not kept:
         raise DataError("every data source has weight 0: give at least one a positive weight")
     total = sum(s.weight for s in kept)
-    if not math.isclose(total, 1.0, rel_tol=1e-9):
+    if warn and not math.isclose(total, 1.0, rel_tol=1e-9):
         log.warning("data source weights sum to %g: normalised to sum to 1", total)
     return [SourceSpec(s.path, s.weight / total, s.name) for s in kept]
 
