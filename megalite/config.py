@@ -125,11 +125,14 @@ class TrainerConfig:
     # With no step completed for this long, every rank dumps its Python stacks (faulthandler)
     # into its log; seconds, 0 disables.
     hang_timeout: float = 1800.0
-    # A non-finite loss, or one above spike_factor × the running mean (0: no spike check): halt
-    # (stop, naming the last checkpoint) or rollback (reload the last checkpoint and skip the
-    # offending batch; at most max_rollbacks times in a run).
-    anomaly: str = "halt"  # halt | rollback
+    # A non-finite loss, or one above spike_factor × the running mean (0: no spike check), is
+    # judged before the optimizer step, whose update is then dropped: halt (stop, naming the last
+    # checkpoint), skip (go on with the next batch; halt after more than max_skips in a row) or
+    # rollback (reload the last checkpoint and skip the offending batch; at most max_rollbacks
+    # times in a run).
+    anomaly: str = "halt"  # halt | skip | rollback
     spike_factor: float = 0.0
+    max_skips: int = 5
     max_rollbacks: int = 3
 
 
@@ -311,15 +314,15 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> Non
         t.collective_timeout > 0, f"trainer.collective_timeout={t.collective_timeout} must be > 0"
     )
     _require(
-        t.anomaly in ("halt", "rollback"),
-        f"trainer.anomaly={t.anomaly!r}: use halt or rollback"
-        + (" (skip is not available yet)" if t.anomaly == "skip" else ""),
+        t.anomaly in ("halt", "skip", "rollback"),
+        f"trainer.anomaly={t.anomaly!r}: use halt, skip or rollback",
     )
     _require(
         t.spike_factor == 0 or t.spike_factor > 1,
         f"trainer.spike_factor={t.spike_factor} must be > 1 (0 disables the spike check)",
     )
     _require(t.max_rollbacks >= 0, f"trainer.max_rollbacks={t.max_rollbacks} must be >= 0")
+    _require(t.max_skips >= 0, f"trainer.max_skips={t.max_skips} must be >= 0")
     per_step = t.micro_batch_size * p.dp
     _require(
         t.global_batch_size % per_step == 0,

@@ -61,6 +61,8 @@ def test_typo_fails_at_composition() -> None:
         ),
         (["parallel.pp=2", "parallel.zero_stage=2"], "cannot run with pipeline parallelism"),
         (["trainer.precision=fp16"], "use fp32 or bf16"),
+        (["trainer.anomaly=ignore"], "use halt, skip or rollback"),
+        (["trainer.max_skips=-1"], "trainer.max_skips=-1 must be >= 0"),
         (["data.path=/nonexistent/megalite"], "does not exist"),
         (["data=mixture"], "data=mixture needs data.sources="),
         (

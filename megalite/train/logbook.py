@@ -26,6 +26,8 @@ def format_line(record: dict[str, Any]) -> str:
     parts.append(f"{record['tokens_per_s'] / 1e3:.1f}k tok/s")
     parts.append(f"mfu {100 * record['mfu']:.2f}%")
     parts.append(f"mem {record['memory_gib']:.2f}GiB")
+    if record.get("skipped"):
+        parts.append(f"skipped {record['skipped']}")
     return " | ".join(parts)
 
 

@@ -31,6 +31,7 @@ from megalite.data.stream import TokenStream
 from megalite.model.flops import flops_per_token
 from megalite.model.llama import cross_entropy
 from megalite.parallel.dims import ParallelDims
+from megalite.parallel.discard import discarded_update, judge_before_step
 from megalite.parallel.engine import megalite_clips
 from megalite.parallel.parallelize import LossFn, shard_specs
 from megalite.train import metrics
@@ -51,6 +52,10 @@ class Anomaly(Exception):
     def __init__(self, reason: str, step: int, windows: range) -> None:
         super().__init__(reason)
         self.reason, self.step, self.windows = reason, step, windows
+
+    def __str__(self) -> str:
+        w = self.windows
+        return f"{self.reason} at step {self.step} (windows [{w.start}, {w.stop}))"
 
 
 def _all_shard_specs(module: torch.nn.Module) -> dict[str, dict[str, Any]]:
@@ -114,9 +119,14 @@ class Trainer:
         self.guard = LossGuard(spike_factor=t.spike_factor)
         self.skipped: list[list[int]] = []  # [start, stop) windows skipped after a rollback
         self.rollbacks = 0
+        self.skips_in_a_row = 0
+        self._verdict: tuple[float, Anomaly | None] | None = None  # the step in progress's
+        self._first_window = 0  # the step in progress's first global window
         self.clip_here = megalite_clips(cfg)
         self.tp_shards = _all_shard_specs(self.engine.module)
         self.pipeline = cfg.parallel.pp > 1
+        if self.pipeline:
+            judge_before_step(self.engine, self._judge)
 
     def _stream(self, split: str, *, shuffle: bool) -> functools.partial[TokenStream]:
         """A factory of this rank's stream of `split` (picklable, for loader workers)."""
@@ -206,28 +216,44 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches; returns loss, lr, grad norm.
-        Raises `Anomaly` when the loss is non-finite or a spike (see anomaly.py)."""
+        The loss is judged before the optimizer step (`_judge`): an anomalous step's update is
+        dropped and `Anomaly` raised (see anomaly.py and parallel/discard.py)."""
         lr = self.scheduler.get_last_lr()[0]
-        first = self.train_data.position
+        self._first_window = first = self.train_data.position
+        self._verdict = None
         if self.pipeline:
-            # The pipeline engine runs the 1F1B schedule over all micro-batches; only the first
-            # and last stages draw from the stream. The loss is averaged over micro-batches and
-            # DP and broadcast to every stage.
-            loss_value = float(self.engine.train_batch(self._pairs))
+            # The pipeline engine runs the 1F1B schedule over all micro-batches and judges the
+            # loss before its optimizer step (see __init__); only the first and last stages draw
+            # from the stream, the others move past the step's windows unread.
+            self.engine.train_batch(self._pairs)
+            if self.train_data.position == first:
+                self._move_past(self.cfg.trainer.global_batch_size)
             grad_norm = self.engine.get_global_grad_norm()
         else:
-            loss_value, grad_norm = self._accumulate(self.cfg.grad_accum_steps)
+            grad_norm = self._accumulate(self.cfg.grad_accum_steps)
+        assert self._verdict is not None, "the optimizer step was not judged"
+        loss_value, anomaly = self._verdict
         self.step += 1
         self.consumed_tokens += self.tokens_per_step
-        windows = range(first, self.train_data.position)  # this step's batch
-        loss_value = faults.bad_loss(loss_value, windows=windows)  # tests only
-        if (reason := self.guard.check(loss_value)) is not None:
-            raise Anomaly(reason, self.step, windows)
+        if anomaly is not None:
+            raise anomaly
+        self.skips_in_a_row = 0
         norm = float(grad_norm) if grad_norm is not None else float("nan")
         return {"loss": loss_value, "lr": lr, "grad_norm": norm}
 
-    def _accumulate(self, accum: int) -> tuple[float, float | None]:
-        """Forward/backward over `accum` micro-batches and the optimizer step (no pipeline)."""
+    def _judge(self, loss: float) -> bool:
+        """The loss of the step in progress, before its optimizer step: True (drop the update)
+        if it is non-finite or a spike. The same loss, hence verdict, on every rank."""
+        windows = range(self._first_window, self._first_window + self.cfg.trainer.global_batch_size)
+        loss = faults.bad_loss(loss, windows=windows)  # tests only
+        reason = self.guard.check(loss)
+        anomaly = None if reason is None else Anomaly(reason, self.step + 1, windows)
+        self._verdict = (loss, anomaly)
+        return anomaly is not None
+
+    def _accumulate(self, accum: int) -> float | None:
+        """Forward/backward over `accum` micro-batches, the loss judged, and the optimizer step
+        (no pipeline); returns the gradient norm."""
         loss_sum = torch.zeros((), device=self.device)
         grad_norm = None
         for micro in range(accum):
@@ -235,13 +261,18 @@ class Trainer:
             inputs, targets = batch[:, :-1], batch[:, 1:]  # (b, s), (b, s)
             loss = self.loss_fn(self.engine(inputs), targets)
             self.engine.backward(loss)
-            if micro == accum - 1 and self.clip_here:
+            loss_sum += loss.detach().float()
+            if micro < accum - 1:
+                self.engine.step()  # no update before the accumulation boundary
+                continue
+            if self._judge(self._dp_mean(loss_sum / accum)):
+                with discarded_update(self.engine):
+                    self.engine.step()
+                return None
+            if self.clip_here:
                 grad_norm = self._clip_gradients()
             self.engine.step()
-            loss_sum += loss.detach().float()
-        if grad_norm is None:
-            grad_norm = self.engine.get_global_grad_norm()
-        return self._dp_mean(loss_sum / accum), grad_norm
+        return grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
 
     def _clip_gradients(self) -> float:
         from deepspeed.runtime.utils import clip_grad_norm_
@@ -313,8 +344,11 @@ class Trainer:
             try:
                 window.append(self.train_step())
             except Anomaly as bad:
-                self._on_anomaly(bad)
-                continue
+                if t.anomaly != "skip":
+                    self._on_anomaly(bad)  # a rollback continues from the checkpoint's step
+                    continue
+                self._skip_update(bad)
+                window.append({"skipped": 1.0})
             if t.log_interval and (self.step % t.log_interval == 0 or self.step == last):
                 self._log_train(window, time.perf_counter() - window_start)
                 window, window_start = [], time.perf_counter()
@@ -339,12 +373,21 @@ class Trainer:
             )
         return result
 
+    def _skip_update(self, bad: Anomaly) -> None:
+        """trainer.anomaly=skip: the step's update was dropped; halt after max_skips in a row."""
+        self.skips_in_a_row += 1
+        limit = self.cfg.trainer.max_skips
+        if self.skips_in_a_row > limit:
+            raise TrainingError(
+                f"{bad}; {self.skips_in_a_row} steps in a row skipped, more than "
+                f"trainer.max_skips={limit}; last good checkpoint: "
+                f"{self.last_checkpoint or 'none (no checkpoint was saved yet)'}"
+            )
+        log.warning("%s: update skipped (trainer.anomaly=skip)", bad)
+
     def _on_anomaly(self, bad: Anomaly) -> None:
         """trainer.anomaly: halt, or roll back to the last checkpoint and skip the bad batch."""
-        t, where = self.cfg.trainer, self.last_checkpoint
-        what = (
-            f"{bad.reason} at step {bad.step} (windows [{bad.windows.start}, {bad.windows.stop}))"
-        )
+        t, where, what = self.cfg.trainer, self.last_checkpoint, str(bad)
         if t.anomaly == "halt" or where is None or self.rollbacks >= t.max_rollbacks:
             why = ""
             if t.anomaly == "rollback":
@@ -368,10 +411,14 @@ class Trainer:
                 log.info(
                     "step %d: skipping windows [%d, %d) (rolled back)", self.step + 1, start, stop
                 )
-                self.train_data.skip(stop - start)
-                self._batches = iter(self.train_data)
-                self._pairs = pairs(self._batches)
+                self._move_past(stop - start)
                 return
+
+    def _move_past(self, windows: int) -> None:
+        """Move the train stream past `windows` global windows, unread."""
+        self.train_data.skip(windows)
+        self._batches = iter(self.train_data)
+        self._pairs = pairs(self._batches)
 
     def _stop_on(self, signum: int) -> dict[str, Any]:
         """A stop request (see cluster/signals.py): checkpoint this step and stop here."""
@@ -381,13 +428,17 @@ class Trainer:
         return {"stopped_by": signal_name(signum), "step": self.step}
 
     def _log_train(self, window: list[dict[str, float]], seconds: float) -> None:
+        """One line for the steps since the last; skipped steps (trainer.anomaly=skip) count in
+        the throughput, not in the mean loss."""
         tokens_per_s = len(window) * self.tokens_per_step / max(seconds, 1e-9)
+        applied = [w for w in window if "skipped" not in w]
+        last = applied[-1] if applied else {}
         record = {
             "step": self.step,
             "max_steps": self.cfg.trainer.max_steps,
-            "loss": sum(w["loss"] for w in window) / len(window),
-            "lr": window[-1]["lr"],
-            "grad_norm": window[-1]["grad_norm"],
+            "loss": sum(w["loss"] for w in applied) / len(applied) if applied else math.nan,
+            "lr": last.get("lr", self.scheduler.get_last_lr()[0]),
+            "grad_norm": last.get("grad_norm", math.nan),
             "tokens_per_s": tokens_per_s,
             "mfu": metrics.mfu(
                 tokens_per_s=tokens_per_s,
@@ -399,5 +450,7 @@ class Trainer:
             "tokens": self.consumed_tokens,
             "epoch": self.train_data.epoch,
         }
+        if len(applied) < len(window):
+            record["skipped"] = len(window) - len(applied)
         log.info(format_line(record))
         self.logbook.write(record)
