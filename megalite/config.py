@@ -119,6 +119,9 @@ class TrainerConfig:
     peak_flops: float | None = None  # per device; None: known GPU table, or cpu_peak_flops on CPU
     cpu_peak_flops: float = 1.0e11
     keep_checkpoints: int = 0  # keep the newest N committed checkpoints (0: keep all)
+    # Copy the state to host memory at a save and write it in a background thread while training
+    # goes on (the next save, a rollback and the exit wait for it).
+    async_save: bool = False
     # A collective that waits longer than this (a dead or stuck peer) fails the rank, so no rank
     # hangs; seconds.
     collective_timeout: float = 600.0

@@ -12,6 +12,11 @@ A failed write (a full disk, a file-size limit, a read-only or unwritable folder
 one rank alone, which would leave the others waiting in a collective: every rank records its
 failure, the ranks agree at the next collective, and all raise the same one-line CheckpointError;
 the partial folder is removed and the previous checkpoint stays `latest`.
+
+`save_async` blocks only while DeepSpeed gathers the state and it is copied to host memory; a
+background thread per rank then writes and fsyncs the files, hashes its own, and the threads
+commit together over a process group of their own (the training loop's collectives go on
+meanwhile); the same commit rules hold. The caller waits for one save before starting the next.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,8 +37,10 @@ import torch.distributed as dist
 
 from megalite import faults
 from megalite.checkpoint import store
+from megalite.checkpoint.background import CapturedWrites, HostStaging, PendingSave
 
 log = logging.getLogger("megalite")
+W = TypeVar("W")
 
 
 def rng_state() -> dict[str, Any]:
@@ -68,25 +75,113 @@ def save(
     """Write a checkpoint of `step` under `root` and commit it, then prune to the newest `keep`
     (0: keep all); returns the committed folder. Raises CheckpointError on every rank, the
     previous checkpoint kept, if any rank cannot write (see the module docstring)."""
-    tmp = root / store.tmp_name(step)
-    fail = functools.partial(_fail_if, tmp=tmp, global_rank=global_rank)
-    fail(_agree(_attempt(_prepare, root, tmp, writing=tmp) if global_rank == 0 else None))
+    tmp = _begin(root, step, global_rank=global_rank)
     failure = _write_files(engine, tmp, global_rank=global_rank, rank_state=rank_state)
     faults.point("after_rank_files", step=step)
-    fail(_agree(failure))  # also the barrier: every rank's files are on disk before any is hashed
+    # Agreeing is also the barrier: every rank's files are on disk before any is hashed.
+    _fail_if(_agree(failure), tmp, global_rank=global_rank)
     files, failure = _hash_shares(tmp, global_rank=global_rank)
-    fail(failure)
+    return _commit(root, step, meta, files, failure, global_rank=global_rank, keep=keep)
+
+
+def save_async(
+    engine: Any,
+    *,
+    root: Path,
+    step: int,
+    global_rank: int,
+    rank_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int = 0,
+    group: dist.ProcessGroup,
+    staging: HostStaging,
+) -> PendingSave:
+    """`save`, returning once the state is copied to host memory (into `staging`, which the
+    caller keeps from save to save and does not reuse before `wait()`): the rest runs in a
+    background thread whose collectives use `group` (every rank's, created for it). `wait()` on
+    the result returns the committed folder or raises the CheckpointError `save` would have."""
+    tmp = _begin(root, step, global_rank=global_rank)
+    staging.begin()
+    stand_in = functools.partial(CapturedWrites, staging=staging)
+    with _swapped_checkpoint_engine(engine, stand_in) as captured:
+        failure = _attempt(
+            engine.save_checkpoint, str(tmp.parent), tag=tmp.name, save_latest=False, writing=tmp
+        )
+    captured.save({**rank_state, "rng": rng_state()}, tmp / store.rank_file(global_rank))
+    staging.end()
+    failure = failure or captured.failure
+    write = functools.partial(_write_and_commit, root=root, step=step, meta=meta,
+                              global_rank=global_rank, keep=keep, group=group)  # fmt: skip
+    return PendingSave(write, captured.files, failure)
+
+
+def _write_and_commit(
+    files: list[tuple[Path, Any]],
+    failure: str | None,
+    *,
+    root: Path,
+    step: int,
+    meta: dict[str, Any],
+    global_rank: int,
+    keep: int,
+    group: dist.ProcessGroup,
+) -> Path:
+    """The background part of `save_async`: write this rank's files, fsync and hash them, commit."""
+    tmp = root / store.tmp_name(step)
+    for path, state in files:
+        failure = failure or _attempt(_torch_save, state, path, writing=path)
+    faults.point("after_rank_files", step=step)
+    entries: dict[str, Any] = {}
+    for path, _ in [] if failure else files:
+        try:
+            entries[str(path.relative_to(tmp))] = store.file_entry(path, fsync=True)
+        except OSError as e:
+            failure = _failure(e, f"hashing {path.name}")
+            break
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (entries, failure), group=group)
+    every = {rel: entry for mine, _ in gathered for rel, entry in mine.items()}
+    failure = next((f for _, f in gathered if f), None)
+    return _commit(root, step, meta, every, failure, global_rank=global_rank, keep=keep,
+                   group=group)  # fmt: skip
+
+
+def _begin(root: Path, step: int, *, global_rank: int) -> Path:
+    """Rank 0 prepares the checkpoint's temporary folder (all ranks agree it could); returns it."""
+    tmp = root / store.tmp_name(step)
+    prepared = _attempt(_prepare, root, tmp, writing=tmp) if global_rank == 0 else None
+    _fail_if(_agree(prepared), tmp, global_rank=global_rank)
+    return tmp
+
+
+def _commit(
+    root: Path,
+    step: int,
+    meta: dict[str, Any],
+    files: dict[str, Any],
+    failure: str | None,
+    *,
+    global_rank: int,
+    keep: int,
+    group: dist.ProcessGroup | None = None,
+) -> Path:
+    """Rank 0 seals the checkpoint (store.commit) with every rank's file entries, unless a rank
+    failed (`failure`, the same on every rank); prunes to `keep`. Collective over `group` (all
+    ranks; None: the default group)."""
+    tmp = root / store.tmp_name(step)
+    _fail_if(failure, tmp, global_rank=global_rank)
     outcome: list[Path | str | None] = [None]
     if global_rank == 0:
         try:
             outcome = [store.commit(root, step, meta, files=files)]
         except OSError as e:
             outcome = [_failure(e, "commit")]
-    dist.broadcast_object_list(outcome, src=0)
+    dist.broadcast_object_list(outcome, src=0, group=group)
     final = outcome[0]
-    fail(final if isinstance(final, str) else None)
+    _fail_if(final if isinstance(final, str) else None, tmp, global_rank=global_rank)
     if global_rank == 0 and keep:
         _prune(root, keep)
+    assert isinstance(final, Path)
     return final
 
 
@@ -102,7 +197,7 @@ def _write_files(
 ) -> str | None:
     """This rank's files: DeepSpeed's, then its own state. Returns the first failure (None if
     none) instead of raising, after taking part in all of DeepSpeed's collectives."""
-    with _deferred_failures(engine) as writes:
+    with _swapped_checkpoint_engine(engine, _DeferredWrites) as writes:
         failure = _attempt(
             engine.save_checkpoint, str(tmp.parent), tag=tmp.name, save_latest=False, writing=tmp
         )
@@ -149,13 +244,22 @@ class _DeferredWrites:
 
 
 @contextmanager
-def _deferred_failures(engine: Any) -> Iterator[_DeferredWrites]:
-    inner = engine.checkpoint_engine
-    engine.checkpoint_engine = writes = _DeferredWrites(inner)
+def _swapped_checkpoint_engine(engine: Any, stand_in: Callable[[Any], W]) -> Iterator[W]:
+    """The engine's checkpoint engine replaced by `stand_in(it)` for the duration. DeepSpeed's
+    copy of its recovery scripts (zero_to_fp32.py, by rank 0 only) records a failure in the
+    stand-in's `failure` instead of raising on rank 0 alone."""
+    inner, copy_scripts = engine.checkpoint_engine, engine._copy_recovery_script
+    engine.checkpoint_engine = writes = stand_in(inner)
+
+    def copy_or_record(save_path: str) -> None:
+        writes.failure = writes.failure or _attempt(copy_scripts, save_path, writing=save_path)
+
+    engine._copy_recovery_script = copy_or_record
     try:
         yield writes
     finally:
         engine.checkpoint_engine = inner
+        del engine._copy_recovery_script
 
 
 def _hash_shares(tmp: Path, *, global_rank: int) -> tuple[dict[str, Any], str | None]:

@@ -9,7 +9,10 @@ JobEnvironment — rank and local rank from the task ids, the master address fro
 node, a port derived from the job id — and the task trains as one rank. When SLURM warns of the
 time limit or a preemption (SIGUSR2, or SIGTERM), every rank checkpoints at the next step
 boundary (cluster/signals.py) and rank 0 requeues the job; the requeued job (SLURM_RESTART_COUNT
-> 0) resumes from the run's latest checkpoint, up to `cluster.max_requeues` times.
+> 0) resumes from the run's latest checkpoint, up to `cluster.max_requeues` times. A rank that
+dies (kill -9, a lost node, a crash) breaks the others' next collective: a rank that sees its
+collective fail that way (`peer_failed`) requeues the job the same way, so it resumes from the
+last committed checkpoint.
 
 Attached (`cluster.wait=true`, `follow`): rank 0's log is streamed until the job ends; a failed
 job raises `JobFailed` with the traceback of the rank that failed first (the others usually fail
@@ -19,13 +22,14 @@ after it, on the broken collective).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from megalite.checkpoint import store
 from megalite.cluster.env import slurm_master_port
@@ -33,6 +37,14 @@ from megalite.config import Config, ConfigError, slurm_minutes
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUEUED = 3  # exit status of a task whose job was requeued: no result, the next run gives it
+# How gloo and NCCL word a collective that failed because another rank died or stopped answering.
+PEER_FAILURES = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out",
+    "timed out",
+)
 
 
 class JobFailed(RuntimeError):
@@ -67,7 +79,28 @@ class SlurmTask:
         if restarts:  # requeued: continue from this run's own latest checkpoint
             latest = store.latest(Path(self.run_dir) / "checkpoints")
             resume = str(latest) if latest else resume
-        return after_run(run_worker(self.cfg, self.run_dir, resume), self.cfg, self.run_dir)
+        try:
+            result = run_worker(self.cfg, self.run_dir, resume)
+        except Exception as exc:
+            if not peer_failed(exc):
+                raise
+            why = f"a collective failed ({_first_line(exc)}): another rank died or hung"
+            requeue_or_fail(why, self.cfg, self.run_dir, by_rank_0=False)
+        return after_run(result, self.cfg, self.run_dir)
+
+
+def peer_failed(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because another rank died or stopped answering
+    (not an error of this rank's own, which a requeue would only repeat)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):  # NCCL errors and timeouts, store failures
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in PEER_FAILURES)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def after_run(result: dict[str, Any], cfg: Config, run_dir: str) -> dict[str, Any]:
@@ -75,23 +108,43 @@ def after_run(result: dict[str, Any], cfg: Config, run_dir: str) -> dict[str, An
     task exits without a result, `REQUEUED`; past `cluster.max_requeues` it is an error."""
     if "stopped_by" not in result or "SLURM_JOB_ID" not in os.environ:
         return result
+    why = f"{result['stopped_by']} at step {result['step']}"
+    requeue_or_fail(why, cfg, run_dir, by_rank_0=True)
+
+
+def requeue_or_fail(why: str, cfg: Config, run_dir: str, *, by_rank_0: bool) -> NoReturn:
+    """Requeue the job (by rank 0 only, or by whichever rank calls: after a rank died, rank 0 may
+    be the dead one) and exit `REQUEUED`; after `cluster.max_requeues` requeues, raise."""
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     limit = cfg.cluster.max_requeues
     if restarts >= limit:
         raise RuntimeError(
-            f"{result['stopped_by']} at step {result['step']} after {restarts} requeue(s), "
-            f"the limit (cluster.max_requeues={limit}): resubmit with trainer.resume=auto "
-            f"trainer.run_dir={run_dir}"
+            f"{why} after {restarts} requeue(s), the limit (cluster.max_requeues={limit}): "
+            f"resubmit with trainer.resume=auto trainer.run_dir={run_dir}"
         )
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID")) == "0":
+    print(f"{why}: requeueing the job", file=sys.stderr, flush=True)
+    if not by_rank_0 or os.environ.get("RANK", os.environ.get("SLURM_PROCID")) == "0":
         job_id = os.environ["SLURM_JOB_ID"]
         array_index = os.environ.get("SLURM_ARRAY_TASK_ID")
-        requeue(f"{os.environ['SLURM_ARRAY_JOB_ID']}_{array_index}" if array_index else job_id)
+        requeue(
+            f"{os.environ['SLURM_ARRAY_JOB_ID']}_{array_index}" if array_index else job_id,
+            restarts=restarts,
+        )
     raise SystemExit(REQUEUED)
 
 
-def requeue(job_id: str) -> None:
-    """Put the job back in the queue (a no-op for SLURM when a preemption already requeues it)."""
+def requeue(job_id: str, *, restarts: int) -> None:
+    """Put the job back in the queue, unless it was already (by a preemption, or by another
+    rank: a requeue of the job's next run would throw that run away): only while the job is the
+    same run, `restarts` times restarted, still running."""
+    show = ["scontrol", "-o", "show", "job", job_id]
+    shown = subprocess.run(show, capture_output=True, text=True)
+    state = re.search(r"JobState=(\w+)", shown.stdout)
+    count = re.search(r"Restarts=(\d+)", shown.stdout)
+    if state and count and (state[1] != "RUNNING" or int(count[1]) != restarts):
+        print(f"job {job_id} is {state[1]} (restarts {count[1]}): already requeued",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return
     out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     print(f"requeue of job {job_id}: {out.stderr.strip() or 'done'}", file=sys.stderr, flush=True)
 

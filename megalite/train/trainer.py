@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 from megalite import faults
 from megalite.checkpoint import store, training, universal
+from megalite.checkpoint.background import HostStaging, PendingSave
 from megalite.cluster.signals import StopRequest, signal_name
 from megalite.config import Config, data_sources
 from megalite.data.loader import Loader
@@ -110,7 +112,13 @@ class Trainer:
         self.consumed_tokens = 0
         self.initial_val_loss: float | None = None
         self.last_checkpoint: Path | None = None
-        self.saved_step = -1  # the step of last_checkpoint
+        self.saved_step = -1  # the step of the newest checkpoint, committed or being written
+        self.pending_save: PendingSave | None = None  # trainer.async_save: one in flight
+        self.save_group = None
+        self.staging = HostStaging()  # the host copies of async saves, reused save after save
+        if t.async_save:  # the background saves' collectives, apart from the training loop's
+            timeout = timedelta(seconds=t.collective_timeout)
+            self.save_group = dist.new_group(backend="gloo", timeout=timeout)
         self.tokens_per_step = t.global_batch_size * t.seq_len
         self.flops_per_token = flops_per_token(cfg.model, t.seq_len)
         self.peak_flops = metrics.peak_flops(
@@ -173,7 +181,9 @@ class Trainer:
             "resumed from %s at step %d (%d tokens seen)", ckpt, self.step, self.consumed_tokens
         )
 
-    def save(self) -> Path:
+    def save(self) -> None:
+        """Checkpoint this step: committed on return, or with trainer.async_save written in the
+        background (`finish_save` waits for it; every save, rollback and exit does)."""
         rank_state = {
             "step": self.step,
             "consumed_tokens": self.consumed_tokens,
@@ -194,18 +204,39 @@ class Trainer:
             "wandb_run_id": self.logbook.wandb_run_id,
             "config": asdict(self.cfg),
         }
-        self.last_checkpoint = training.save(
-            self.engine,
-            root=self.ckpt_root,
-            step=self.step,
-            global_rank=self.dims.global_rank,
-            rank_state=rank_state,
-            meta=meta,
-            keep=self.cfg.trainer.keep_checkpoints,
+        self.finish_save()  # one save in flight at a time
+        args = {
+            "root": self.ckpt_root,
+            "step": self.step,
+            "global_rank": self.dims.global_rank,
+            "rank_state": rank_state,
+            "meta": meta,
+            "keep": self.cfg.trainer.keep_checkpoints,
+        }
+        if self.save_group is None:
+            self._committed(training.save(self.engine, **args))
+            self.saved_step = self.step
+            return
+        start = time.perf_counter()
+        self.pending_save = training.save_async(
+            self.engine, **args, group=self.save_group, staging=self.staging
         )
-        self.saved_step = self.step
-        log.info("checkpoint step %d committed: %s", self.step, self.last_checkpoint)
-        return self.last_checkpoint
+        self.saved_step = self.step  # being written
+        log.info(
+            "checkpoint step %d copied to host memory in %.2fs; writing it in the background",
+            self.step,
+            time.perf_counter() - start,
+        )
+
+    def finish_save(self) -> None:
+        """Wait for the save in flight, if any (trainer.async_save); raises its CheckpointError."""
+        if self.pending_save is not None:
+            pending, self.pending_save = self.pending_save, None
+            self._committed(pending.wait())
+
+    def _committed(self, ckpt: Path) -> None:
+        self.last_checkpoint = ckpt
+        log.info("checkpoint committed: %s", ckpt)
 
     # ---- steps ----------------------------------------------------------------------------
 
@@ -330,7 +361,9 @@ class Trainer:
         last = min(t.max_steps, t.stop_at_step or t.max_steps)
         watchdog = HangWatchdog(self.log_file, timeout_s=t.hang_timeout)
         try:
-            return self._loop(last, watchdog)
+            result = self._loop(last, watchdog)
+            self.finish_save()  # nothing left half-written at a clean exit
+            return result
         finally:
             watchdog.close()
 
@@ -378,6 +411,7 @@ class Trainer:
         self.skips_in_a_row += 1
         limit = self.cfg.trainer.max_skips
         if self.skips_in_a_row > limit:
+            self.finish_save()
             raise TrainingError(
                 f"{bad}; {self.skips_in_a_row} steps in a row skipped, more than "
                 f"trainer.max_skips={limit}; last good checkpoint: "
@@ -387,6 +421,7 @@ class Trainer:
 
     def _on_anomaly(self, bad: Anomaly) -> None:
         """trainer.anomaly: halt, or roll back to the last checkpoint and skip the bad batch."""
+        self.finish_save()
         t, where, what = self.cfg.trainer, self.last_checkpoint, str(bad)
         if t.anomaly == "halt" or where is None or self.rollbacks >= t.max_rollbacks:
             why = ""

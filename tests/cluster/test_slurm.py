@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -138,14 +139,39 @@ def _finished(job, timeout: float = 240):
     return job
 
 
-def test_signal_checkpoints_requeues_and_resumes(
+def _resumed_at(run_dir: Path) -> list[int]:
+    log = run_dir / "logs" / "rank_00000.log"
+    text = log.read_text() if log.is_file() else ""
+    return [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", text)]
+
+
+def _pids(run_dir: Path, rank: int) -> list[int]:
+    """The pid each run of the job gave rank `rank` (worker.py logs it)."""
+    log = run_dir / "logs" / f"rank_{rank:05d}.log"
+    return [int(p) for p in re.findall(r"\| pid (\d+) \|", log.read_text())]
+
+
+def test_signal_then_a_killed_rank_requeue_and_resume(
     cluster: dict[str, str], reference: dict[int, float], sample_data: Path, tmp_path: Path
 ) -> None:
+    """SIGUSR2 (SLURM's time-limit warning): checkpoint, requeue, resume. Then, in the requeued
+    run, rank 1 is killed (kill -9): rank 0's next collective fails, it requeues the job, and the
+    third run resumes from the last committed checkpoint. The losses are the local run's."""
     run_dir = tmp_path / "run"
-    job = _submit(sample_data, run_dir)
+    job = _submit(sample_data, run_dir, "trainer.save_interval=5")
     _wait_for_step(run_dir, 3)
     subprocess.run(["scancel", "--signal=USR2", job.job_id], env=cluster, check=True)
-    _assert_resumed(run_dir, job, reference)
+    resumed = _poll(lambda: _resumed_at(run_dir), "the requeued run resumed", timeout=120)[0]
+    _wait_for_step(run_dir, resumed + 7)  # past a checkpoint of the requeued run's own
+    os.kill(_pids(run_dir, 1)[-1], signal.SIGKILL)
+    slurm.results(_finished(job))
+    log = (run_dir / "logs" / "rank_00000.log").read_text()
+    assert re.search(rf"SIGUSR2 at step {resumed}: checkpointing", log), log[-3000:]
+    assert len(_resumed_at(run_dir)) == 2, log[-3000:]
+    assert len(_pids(run_dir, 1)) == 3
+    said = "".join(p.read_text() for p in (run_dir / "slurm").glob("*_0_log.err"))
+    assert "another rank died or hung: requeueing the job" in said, said[-3000:]
+    assert_same_losses(train_losses(run_dir), reference)  # the last record of a step wins
 
 
 def test_preemption_by_a_higher_priority_partition(
@@ -254,3 +280,6 @@ def test_requeue_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(RuntimeError, match="SIGUSR2 at step 7 after 2 requeue.*max_requeues=2"):
         slurm.after_run(stopped, cfg, "/runs/x")
     assert slurm.after_run({"val_loss": 1.0}, cfg, "/runs/x") == {"val_loss": 1.0}
+    dead = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]")
+    assert slurm.peer_failed(dead)  # requeued: the dead rank was another's
+    assert not slurm.peer_failed(RuntimeError("no CUDA device is visible"))  # this rank's own

@@ -77,6 +77,27 @@ def test_kill_at_each_point_of_a_save_then_resume_ends_as_uninterrupted(
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [step(STEPS)]  # no debris
 
 
+def test_async_save_killed_mid_write_then_resumed_ends_as_uninterrupted(
+    sample_data: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trainer.async_save=true: rank 0 killed in the background commit of step 4 (every file
+    written, training already on to the next steps) leaves step 2 `latest` and whole; the
+    resumed run, saving asynchronously too, ends with the synchronous run's losses."""
+    ckpts = tmp_path / "checkpoints"
+    monkeypatch.setenv(faults.ENV, "before_rename@step=4")
+    with pytest.raises(Exception, match="SIGKILL"):
+        train(sample_data, tmp_path, "trainer.async_save=true")
+    assert store.latest(ckpts) == ckpts / step(2)
+    store.verify(ckpts / step(2))
+    monkeypatch.delenv(faults.ENV)
+    train(sample_data, tmp_path, "trainer.async_save=true", "trainer.resume=auto")
+    log = (tmp_path / "logs" / "rank_00000.log").read_text()
+    assert f"resumed from {ckpts / step(2)} at step 2" in log
+    assert "copied to host memory" in log
+    assert train_losses(tmp_path) == train_losses(reference)
+    assert [p.name for p in store.committed(ckpts)] == [step(n) for n in (2, 4, 6, 8)]
+
+
 def flip_bytes(path: Path) -> None:
     """Damage `path` in the middle, keeping its size (the size check cannot see it)."""
     data = bytearray(path.read_bytes())
