@@ -84,7 +84,7 @@ def judge_before_step(engine: Any, judge: Callable[[float], bool]) -> None:
     optimizer step is the schedule's last instruction, so every micro-batch's loss is known."""
     from deepspeed.runtime.pipe.schedule import OptimizerStep
 
-    instructions = type(engine)._INSTRUCTION_MAP
+    instructions = engine._INSTRUCTION_MAP  # the class's, or an instance's own copy
     optimizer_step = instructions[OptimizerStep]
 
     def judged_step(self: Any, lr_kwargs: Any = None) -> None:

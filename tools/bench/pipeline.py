@@ -134,8 +134,9 @@ class InstructionTimer:
         self._depth = 0  # a collective calling another is timed once
 
     def install(self, engine: Any) -> None:
-        """Time every instruction of `engine` (this engine only: the class map is untouched)."""
-        table = type(engine)._INSTRUCTION_MAP
+        """Time every instruction of `engine` (this engine only: the class map is untouched), as
+        the engine runs it (the trainer's judged optimizer step included)."""
+        table = engine._INSTRUCTION_MAP
         engine._INSTRUCTION_MAP = {
             instr: self._timed(KINDS.get(instr.__name__, "other"), fn)
             for instr, fn in table.items()
