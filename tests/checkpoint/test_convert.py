@@ -1,9 +1,9 @@
 """Reading checkpoints of any layout as the plain model's tensors, and the Hugging Face export.
 
-The same 3 training steps in three layouts — (tp, pp, dp) = (1, 1, 1) with ZeRO 0, (2, 1, 2) with
-ZeRO 2 and sequence parallelism, (2, 2, 2) with ZeRO 1 — must read back as the same full weights
-and Adam moments (fp32 parity, as the losses); `to-hf` of any of them loads in `transformers` with
-megalite's logits.
+The same 2 training steps in three layouts — (tp, pp, dp) = (1, 1, 1) with ZeRO 0, (2, 1, 2) with
+ZeRO 2 and sequence parallelism, (2, 2, 2) with ZeRO 1 (the shared `run_3d`, see conftest.py) —
+must read back as the same full weights and Adam moments (fp32 parity, as the losses); `to-hf` of
+any of them loads in `transformers` with megalite's logits.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from megalite.checkpoint.cli import main as convert_main
 from megalite.checkpoint.hf import export_hf, narrow
 from megalite.checkpoint.reader import CheckpointReader
 from megalite.checkpoint.store import CheckpointError
-from megalite.cluster.launch import launch
 from megalite.model.llama import Llama
-from tests.helpers import short_job
+from tests.checkpoint.conftest import HALF, train
 
 LAYOUTS = {
     "1x1x1": ["parallel.dp=1", "parallel.zero_stage=0"],
@@ -31,22 +30,22 @@ LAYOUTS = {
         "parallel.zero_stage=2",
         "parallel.sequence_parallel=true",
     ],
-    "2x2x2": ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=1"],
 }
 
 
-def train(data: Path, run_dir: Path, *extra: str) -> Path:
-    # Adam's eps large enough that near-zero gradients (rare tokens' embedding rows) do not turn
-    # float noise between layouts into ±lr updates: the comparison stays tight.
-    cfg = short_job(data, run_dir, "optim.warmup_steps=1", "optim.eps=1e-3", *extra, steps=3)
-    launch(cfg, default_run_dir=run_dir)
+def half_run(data: Path, run_dir: Path, *extra: str) -> Path:
+    """The checkpoint of step HALF of the shared schedule (the run stops there)."""
+    train(data, run_dir, *extra, f"trainer.stop_at_step={HALF}")
     return store.latest(run_dir / "checkpoints")
 
 
 @pytest.fixture(scope="module")
-def checkpoints(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def checkpoints(
+    sample_data: Path, run_3d: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("layouts")
-    return {name: train(sample_data, root / name, *extra) for name, extra in LAYOUTS.items()}
+    found = {name: half_run(sample_data, root / name, *extra) for name, extra in LAYOUTS.items()}
+    return {**found, "2x2x2": run_3d / "checkpoints" / store.step_name(HALF)}
 
 
 @pytest.mark.parametrize("kind", ["param", "exp_avg", "exp_avg_sq"])
@@ -57,7 +56,7 @@ def test_every_layout_reads_as_the_same_tensors(checkpoints: dict[str, Path], ki
         n for n, _ in Llama(readers["1x1x1"].model, device="meta").named_parameters()
     ]
     for name, reader in readers.items():
-        assert reader.step_count() == 3
+        assert reader.step_count() == HALF
         got = dict(reader.tensors(kind))
         assert list(got) == list(want), name
         for tensor_name, t in want.items():
@@ -91,7 +90,7 @@ def test_to_hf_logits_match(checkpoints: dict[str, Path], layout: str, tmp_path:
 def test_tied_pipeline_export(sample_data: Path, tmp_path: Path) -> None:
     from transformers import LlamaForCausalLM
 
-    ckpt = train(sample_data, tmp_path / "run", "parallel.pp=2", "model.tie_embeddings=true")
+    ckpt = half_run(sample_data, tmp_path / "run", "parallel.pp=2", "model.tie_embeddings=true")
     export_hf(ckpt, tmp_path / "hf", dtype="bf16", progress=False, max_shard_bytes=2**20)
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert "lm_head.weight" not in index["weight_map"]  # tied: the embedding serves as head

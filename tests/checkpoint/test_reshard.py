@@ -1,5 +1,6 @@
-"""Resharding: train tp=2 × pp=2 × dp=2, reshard to another layout, resume: the losses are the
-uninterrupted run's (fp32, rel ≤ 1e-5), optimizer state and data position included."""
+"""Resharding: train tp=2 × pp=2 × dp=2 (the shared `run_3d`, see conftest.py), reshard to another
+layout, resume: the losses are the uninterrupted run's (fp32, rel ≤ 1e-5), optimizer state and
+data position included. Resumed natively in its own layout, the 3D run goes on bit for bit."""
 
 from __future__ import annotations
 
@@ -11,43 +12,48 @@ import torch
 from megalite.checkpoint import store
 from megalite.checkpoint.cli import main as convert_main
 from megalite.checkpoint.reader import KINDS, CheckpointReader
-from megalite.cluster.launch import launch
-from tests.helpers import read_metrics, short_job, train_losses
+from tests.checkpoint.conftest import HALF as N
+from tests.checkpoint.conftest import STEPS, THREE_D, train
+from tests.helpers import read_metrics, train_losses
 
-N = 2
-SOURCE = ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=1"]
-
-
-def run(data: Path, run_dir: Path, *extra: str) -> None:
-    launch(
-        short_job(data, run_dir, "optim.warmup_steps=1", *extra, steps=2 * N),
-        default_run_dir=run_dir,
-    )
+run = train  # a run of the shared schedule (STEPS = 2N steps)
 
 
 @pytest.fixture(scope="module")
-def source(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 2N-step run of the SOURCE layout that saves (and evaluates) at step N too."""
-    root = tmp_path_factory.mktemp("reshard")
-    run(sample_data, root / "straight", *SOURCE, f"trainer.save_interval={N}",
-        f"trainer.eval_interval={N}")  # fmt: skip
-    return {
-        "straight": root / "straight",
-        "ckpt": root / "straight" / "checkpoints" / store.step_name(N),
-    }
+def source(run_3d: Path) -> dict[str, Path]:
+    """The 3D run and its checkpoint of step N."""
+    return {"straight": run_3d, "ckpt": run_3d / "checkpoints" / store.step_name(N)}
 
 
-@pytest.mark.parametrize("tp,pp,dp", [(1, 1, 1), (1, 2, 4)])
-def test_resume_on_new_layout(
-    source: dict[str, Path], sample_data: Path, tmp_path: Path, tp: int, pp: int, dp: int
+def test_resume_in_the_same_layout_is_bit_identical(
+    source: dict[str, Path], sample_data: Path, tmp_path: Path
 ) -> None:
+    """tp × pp × dp = 2 × 2 × 2 resumed from its own step N trains steps N+1..2N with the
+    uninterrupted run's losses bit for bit, the same on every rank's log line."""
+    resumed = tmp_path / "resumed"
+    run(sample_data, resumed, *THREE_D, f"trainer.resume={source['ckpt']}")
+    want, got = train_losses(source["straight"]), train_losses(resumed)
+    assert sorted(got) == list(range(N + 1, STEPS + 1))
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(got)]
+    last = [
+        next(ln for ln in log.read_text().splitlines() if f"step {STEPS}/{STEPS}" in ln)
+        for log in sorted((resumed / "logs").glob("rank_*.log"))
+    ]
+    assert len(last) == 8 and len({ln.split("] ", 1)[1].split(" | lr")[0] for ln in last}) == 1
+    final_val = [r["val_loss"] for r in read_metrics(source["straight"]) if "val_loss" in r][-1]
+    assert [r["val_loss"] for r in read_metrics(resumed) if "val_loss" in r][-1] == final_val
+
+
+def test_resume_on_new_layout(source: dict[str, Path], sample_data: Path, tmp_path: Path) -> None:
+    """Resharded to one process (tp = pp = dp = 1, where every layout's shards meet); the other
+    layouts are covered bit for bit by the round trip below."""
     dst = tmp_path / "resharded"
     args = ["reshard", "--src", str(source["ckpt"]), "--dst", str(dst), "--quiet"]
-    assert convert_main([*args, f"--tp={tp}", f"--pp={pp}", f"--dp={dp}"]) == 0
-    layout = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}"]
-    run(sample_data, tmp_path / "run", *layout, "parallel.zero_stage=1", f"trainer.resume={dst}")
+    assert convert_main([*args, "--tp=1", "--pp=1", "--dp=1"]) == 0
+    run(sample_data, tmp_path / "run", "parallel.dp=1", "parallel.zero_stage=1",
+        f"trainer.resume={dst}")  # fmt: skip
     want, got = train_losses(source["straight"]), train_losses(tmp_path / "run")
-    assert sorted(got) == list(range(N + 1, 2 * N + 1))
+    assert sorted(got) == list(range(N + 1, STEPS + 1))
     torch.testing.assert_close(
         torch.tensor([got[s] for s in sorted(got)], dtype=torch.float64),
         torch.tensor([want[s] for s in sorted(got)], dtype=torch.float64),
@@ -63,7 +69,6 @@ CYCLE = [
     (1, 4, 1, []),
     (1, 2, 2, ["parallel.zero_stage=1", "trainer.precision=bf16"]),
     (2, 1, 2, ["parallel.zero_stage=3"]),
-    (2, 1, 1, ["trainer.precision=bf16"]),
     (2, 2, 2, ["parallel.zero_stage=1"]),
 ]
 

@@ -47,55 +47,40 @@ def reference(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 # Each run resumes the previous one (trainer.resume=auto) and is killed at the next point; then
 # `latest()` must name this step. Before the rename the new checkpoint does not exist; after it,
 # it is whole and committed, and wins over the `latest` file that still names the previous one.
+# Runs marked async save with trainer.async_save=true: the kill comes in rank 0's background
+# commit while its training loop is already on the next steps.
 KILLS = [
-    ("after_rank_files@step=4,rank=1", 2),  # rank 0 is left waiting; the launcher ends it
-    ("before_rename@step=4", 2),
-    ("during_prune@step=4", 4),  # step 2 half-deleted as .trash-step_00000002
-    ("after_rename_before_latest@step=6", 6),
+    ("after_rank_files@step=4,rank=1", 2, False),  # rank 0 is left waiting; the launcher ends it
+    ("before_rename@step=4", 2, True),
+    ("during_prune@step=4", 4, False),  # step 2 half-deleted as .trash-step_00000002
+    ("after_rename_before_latest@step=6", 6, True),
 ]
+ASYNC = "trainer.async_save=true"
 
 
 def test_kill_at_each_point_of_a_save_then_resume_ends_as_uninterrupted(
     sample_data: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One run killed at each fault point in turn (a chain: each run resumes the one before,
-    which costs half the runs of one kill and one resume per point), then one that finishes."""
-    assert sorted(spec.split("@")[0] for spec, _ in KILLS) == sorted(faults.SAVE_POINTS)
+    which costs half the runs of one kill and one resume per point), then one that finishes,
+    saving asynchronously, with the synchronous uninterrupted run's losses."""
+    assert sorted(spec.split("@")[0] for spec, _, _ in KILLS) == sorted(faults.SAVE_POINTS)
     ckpts = tmp_path / "checkpoints"
-    for spec, latest_step in KILLS:
+    resume = ["trainer.keep_checkpoints=1", "trainer.resume=auto"]
+    for spec, latest_step, background in KILLS:
         monkeypatch.setenv(faults.ENV, spec)
         with pytest.raises(Exception, match="SIGKILL"):
-            train(sample_data, tmp_path, "trainer.keep_checkpoints=1", "trainer.resume=auto")
+            train(sample_data, tmp_path, *resume, *([ASYNC] if background else []))
         assert store.latest(ckpts) == ckpts / step(latest_step), spec
         store.verify(ckpts / step(latest_step))
     monkeypatch.delenv(faults.ENV)
-    train(sample_data, tmp_path, "trainer.keep_checkpoints=1", "trainer.resume=auto")
+    train(sample_data, tmp_path, *resume, ASYNC)
     log = (tmp_path / "logs" / "rank_00000.log").read_text()
     assert log.count("resumed from") == len(KILLS)
     assert f"resumed from {ckpts / step(6)} at step 6" in log
+    assert "checkpoint step 8 copied to host memory" in log
     assert train_losses(tmp_path) == train_losses(reference)  # each run's steps, the last wins
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == [step(STEPS)]  # no debris
-
-
-def test_async_save_killed_mid_write_then_resumed_ends_as_uninterrupted(
-    sample_data: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """trainer.async_save=true: rank 0 killed in the background commit of step 4 (every file
-    written, training already on to the next steps) leaves step 2 `latest` and whole; the
-    resumed run, saving asynchronously too, ends with the synchronous run's losses."""
-    ckpts = tmp_path / "checkpoints"
-    monkeypatch.setenv(faults.ENV, "before_rename@step=4")
-    with pytest.raises(Exception, match="SIGKILL"):
-        train(sample_data, tmp_path, "trainer.async_save=true")
-    assert store.latest(ckpts) == ckpts / step(2)
-    store.verify(ckpts / step(2))
-    monkeypatch.delenv(faults.ENV)
-    train(sample_data, tmp_path, "trainer.async_save=true", "trainer.resume=auto")
-    log = (tmp_path / "logs" / "rank_00000.log").read_text()
-    assert f"resumed from {ckpts / step(2)} at step 2" in log
-    assert "copied to host memory" in log
-    assert train_losses(tmp_path) == train_losses(reference)
-    assert [p.name for p in store.committed(ckpts)] == [step(n) for n in (2, 4, 6, 8)]
 
 
 def flip_bytes(path: Path) -> None:

@@ -20,7 +20,7 @@ import pytest
 from megalite.checkpoint import store
 from tests.helpers import ROOT, short_job_overrides, train_losses
 
-STEPS = 30
+STEPS = 20
 DP = 4
 
 

@@ -10,7 +10,8 @@ import torch
 
 from tests.distributed import run_world
 
-CASES = [(precision, zero) for precision in ("fp32", "bf16") for zero in (0, 1, 2, 3)]
+# Each optimizer class DeepSpeed builds here once (ZeRO 1 and 2 share one, bf16 ZeRO 0 has its own).
+CASES = [("fp32", 0), ("bf16", 0), ("fp32", 1), ("bf16", 2), ("fp32", 3)]
 
 
 def _tensors(value) -> list[torch.Tensor]:

@@ -3,6 +3,7 @@ good checkpoint: a non-finite loss, a corrupt shard, a checkpoint of another mod
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -41,8 +42,10 @@ def pretrain(*overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_nan_loss_stops_and_names_last_checkpoint(sample_data: Path, tmp_path: Path) -> None:
-    # An absurd learning rate: step 1 is fine and checkpointed, then the weights blow up. (ZeRO 0:
-    # with ZeRO 1-3 DeepSpeed itself skips updates whose gradients are not finite.)
+    """trainer.anomaly=halt (the default) on a real divergence: an absurd learning rate, step 1
+    is fine and checkpointed, then the weights blow up. The last line names the step, its batch
+    (global windows: 4 a step) and the last good checkpoint. (ZeRO 0: with ZeRO 1-3 DeepSpeed
+    itself skips updates whose gradients are not finite.)"""
     out = pretrain(
         "parallel.zero_stage=0",
         f"data.path={sample_data}",
@@ -56,9 +59,13 @@ def test_nan_loss_stops_and_names_last_checkpoint(sample_data: Path, tmp_path: P
     )
     assert out.returncode == 1, out.stdout + out.stderr
     last = out.stderr.strip().splitlines()[-1]
-    assert "non-finite loss" in last and "last good checkpoint:" in last
+    said = re.search(r"non-finite loss \((-?inf|nan)\) at step (\d+) \(windows \[(\d+), (\d+)\)\); "
+                     r"last good checkpoint: (\S+)$", last)  # fmt: skip
+    assert said, last
+    step, start, stop = (int(said[i]) for i in (2, 3, 4))
+    assert (start, stop) == (4 * (step - 1), 4 * step)
     good = store.latest(tmp_path / "checkpoints")
-    assert good is not None and str(good) in last
+    assert said[5] == str(good) and good.name == store.step_name(step - 1)
     store.read_meta(good)  # committed and whole
 
 

@@ -12,7 +12,6 @@ from tests.helpers import train_losses
 from tests.train.test_parity import STEPS, assert_losses_close, job_config, reference_losses
 
 CASES = {
-    "pp2": ["parallel.pp=2", "parallel.dp=1"],
     "pp4-tied-full-ac": [
         "parallel.pp=4",
         "parallel.dp=1",

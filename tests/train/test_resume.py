@@ -1,5 +1,6 @@
 """Exact resume: a run resumed from step N of a 2N-step run continues it bit for bit (fp32; dp=2
-ZeRO 2 and TP/SP/PP layouts), and a checkpoint folder on disk holds what the design says."""
+ZeRO 2 and TP+SP layouts; tp × pp × dp = 2 × 2 × 2 in tests/checkpoint/test_reshard.py), and a
+checkpoint folder on disk holds what the design says."""
 
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ LAYOUTS = {
         "parallel.zero_stage=1",
         "parallel.sequence_parallel=true",
     ),
-    "tp2-pp2-dp2-zero1": ("parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"),
 }
 
 
@@ -60,12 +60,6 @@ def test_resume_is_bit_identical(layout: str, sample_data: Path, tmp_path: Path)
     assert sorted(want) == list(range(1, 2 * N + 1))
     assert sorted(got) == list(range(N + 1, 2 * N + 1))
     assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(got)]  # bit-identical
-    if "parallel.pp=2" in LAYOUTS[layout]:  # every rank's log line shows the same loss
-        last = [
-            next(ln for ln in log.read_text().splitlines() if f"step {2 * N}/{2 * N}" in ln)
-            for log in sorted((resumed / "logs").glob("rank_*.log"))
-        ]
-        assert len(last) == 8 and len({ln.split("] ", 1)[1].split(" | lr")[0] for ln in last}) == 1
     final_val = [r["val_loss"] for r in read_metrics(straight) if "val_loss" in r][-1]
     assert [r["val_loss"] for r in read_metrics(resumed) if "val_loss" in r][-1] == final_val
 
