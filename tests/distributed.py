@@ -32,3 +32,38 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
         join=True,
         start_method="spawn",
     )
+
+
+def deepspeed_dp_rank(rank: int, world: int) -> Any:
+    """In a rank of `run_world`: DeepSpeed on the gloo world (its logs quiet, one torch thread)
+    and the groups of a pure data-parallel layout; returns the ParallelDims."""
+    import logging
+
+    import deepspeed
+    import torch
+
+    from megalite.parallel.dims import ParallelDims
+    from megalite.train.worker import quiet_known_warnings
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    quiet_known_warnings()
+    dims = ParallelDims(tp=1, pp=1, dp=world, global_rank=rank)
+    dims.build_groups()
+    return dims
+
+
+def tensors_in(value: Any) -> list[Any]:
+    """Every tensor in a nest of dicts, lists and tuples, in order."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in tensors_in(v)]
+    return []

@@ -131,17 +131,8 @@ def _write_and_commit(
     for path, state in files:
         failure = failure or _attempt(_torch_save, state, path, writing=path)
     faults.point("after_rank_files", step=step)
-    entries: dict[str, Any] = {}
-    for path, _ in [] if failure else files:
-        try:
-            entries[str(path.relative_to(tmp))] = store.file_entry(path, fsync=True)
-        except OSError as e:
-            failure = _failure(e, f"hashing {path.name}")
-            break
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (entries, failure), group=group)
-    every = {rel: entry for mine, _ in gathered for rel, entry in mine.items()}
-    failure = next((f for _, f in gathered if f), None)
+    mine = [str(path.relative_to(tmp)) for path, _ in files]  # each rank hashes what it wrote
+    every, failure = _hash_all(tmp, mine, failure=failure, group=group)
     return _commit(root, step, meta, every, failure, global_rank=global_rank, keep=keep,
                    group=group)  # fmt: skip
 
@@ -265,16 +256,25 @@ def _swapped_checkpoint_engine(engine: Any, stand_in: Callable[[Any], W]) -> Ite
 def _hash_shares(tmp: Path, *, global_rank: int) -> tuple[dict[str, Any], str | None]:
     """Each rank fsyncs and checksums its share of the files (index ≡ rank mod world size);
     returns every rank's entries together (what rank 0 commits) and the first failure."""
+    share = store.list_files(tmp)[global_rank :: dist.get_world_size()]
+    return _hash_all(tmp, share, failure=None, group=None)
+
+
+def _hash_all(
+    tmp: Path, rels: list[str], *, failure: str | None, group: dist.ProcessGroup | None
+) -> tuple[dict[str, Any], str | None]:
+    """This rank fsyncs and checksums `rels` (files under `tmp`) unless it already failed;
+    returns every rank's entries together and the first failure, the same on every rank
+    (collective over `group`)."""
     mine: dict[str, Any] = {}
-    failure = None
-    for rel in store.list_files(tmp)[global_rank :: dist.get_world_size()]:
+    for rel in [] if failure else rels:
         try:
             mine[rel] = store.file_entry(tmp / rel, fsync=True)
         except OSError as e:
             failure = _failure(e, f"hashing {rel}")
             break
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (mine, failure))
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (mine, failure), group=group)
     files = {rel: entry for entries, _ in gathered for rel, entry in entries.items()}
     return files, next((f for _, f in gathered if f), None)
 

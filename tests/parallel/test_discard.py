@@ -8,20 +8,10 @@ import os
 
 import torch
 
-from tests.distributed import run_world
+from tests.distributed import deepspeed_dp_rank, run_world, tensors_in
 
 # Each optimizer class DeepSpeed builds here once (ZeRO 1 and 2 share one, bf16 ZeRO 0 has its own).
 CASES = [("fp32", 0), ("bf16", 0), ("fp32", 1), ("bf16", 2), ("fp32", 3)]
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list | tuple):
-        return [t for v in value for t in _tensors(v)]
-    return []
 
 
 def _snapshot(engine) -> list[torch.Tensor]:
@@ -32,9 +22,9 @@ def _snapshot(engine) -> list[torch.Tensor]:
     held = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
     for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
                  "fp32_groups", "fp32_groups_flat_partition"):  # fmt: skip
-        held += _tensors(getattr(opt, name, None))
+        held += tensors_in(getattr(opt, name, None))
     inner = getattr(opt, "optimizer", opt)
-    held += [t for state in inner.state.values() for t in _tensors(state)]
+    held += [t for state in inner.state.values() for t in tensors_in(state)]
     return [t.detach().clone() for t in held if isinstance(t, torch.Tensor) and t.numel()]
 
 
@@ -54,23 +44,11 @@ def _step(engine, loss_fn, vocab: int, *, skip: bool) -> None:
 
 
 def _rank_world(rank: int, world: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    os.environ["LOCAL_WORLD_SIZE"] = str(world)
-    torch.set_num_threads(1)
-    import logging
-
-    import deepspeed
-
-    from megalite.parallel.dims import ParallelDims
     from megalite.parallel.engine import build_engine
-    from megalite.train.worker import build_model, quiet_known_warnings
+    from megalite.train.worker import build_model
     from tests.helpers import compose_config
 
-    deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    quiet_known_warnings()
-    dims = ParallelDims(tp=1, pp=1, dp=2, global_rank=rank)
-    dims.build_groups()
+    dims = deepspeed_dp_rank(rank, world)
     results = {}
     for precision, zero in CASES:
         cfg = compose_config(["model=tiny", "parallel.dp=2", f"parallel.zero_stage={zero}",

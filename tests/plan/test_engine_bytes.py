@@ -17,7 +17,7 @@ import torch
 from megalite.plan.memory import model_state
 from megalite.plan.presets import load_preset
 from megalite.plan.shape import stage_tensors
-from tests.distributed import run_world
+from tests.distributed import deepspeed_dp_rank, run_world, tensors_in
 
 CASES = [(precision, zero) for precision in ("fp32", "bf16") for zero in (0, 1, 2, 3)]
 
@@ -31,16 +31,6 @@ def _storages(tensors) -> dict[int, int]:
     return out
 
 
-def _flat(value) -> list:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list | tuple):
-        return [t for v in value for t in _flat(v)]
-    return []
-
-
 GRAD_HOLDERS = ("averaged_gradients", "all_grad_tensors", "grad_partitions_flat_buffer")
 MASTER_HOLDERS = (
     "single_partition_of_fp32_groups",  # ZeRO 1/2
@@ -51,23 +41,11 @@ MASTER_HOLDERS = (
 
 def _rank_world(rank: int, world: int, out_dir: str) -> None:
     """Build an engine per case on this rank, measure it, and save the figures for the test."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    os.environ["LOCAL_WORLD_SIZE"] = str(world)
-    torch.set_num_threads(1)
-    import logging
-
-    import deepspeed
-
-    from megalite.parallel.dims import ParallelDims
     from megalite.parallel.engine import build_engine
-    from megalite.train.worker import build_model, quiet_known_warnings
+    from megalite.train.worker import build_model
     from tests.helpers import compose_config
 
-    deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    quiet_known_warnings()
-    dims = ParallelDims(tp=1, pp=1, dp=2, global_rank=rank)
-    dims.build_groups()
+    dims = deepspeed_dp_rank(rank, world)
     results = {}
     for precision, zero in CASES:
         cfg = compose_config(
@@ -91,14 +69,14 @@ def _rank_world(rank: int, world: int, out_dir: str) -> None:
             x = torch.randint(0, cfg.model.vocab_size, (1, 9))
             engine.backward(loss_fn(engine(x[:, :-1]), x[:, 1:]))
             held = [p.grad for p in params] + [
-                t for a in GRAD_HOLDERS for t in _flat(getattr(opt, a, None))
+                t for a in GRAD_HOLDERS for t in tensors_in(getattr(opt, a, None))
             ]
             grads = max(grads, sum(_storages(held).values()))
             engine.step()
         weights = _storages(params + [getattr(p, "ds_tensor", None) for p in params])
         inner = getattr(opt, "optimizer", opt)
         state = [t for s in inner.state.values() for t in s.values()]
-        masters = [t for a in MASTER_HOLDERS for t in _flat(getattr(opt, a, None))]
+        masters = [t for a in MASTER_HOLDERS for t in tensors_in(getattr(opt, a, None))]
         results[(rank, precision, zero)] = (
             sum(weights.values()),
             grads,
