@@ -32,36 +32,40 @@ class HostStaging:
     def __init__(self) -> None:
         self._buffers: list[torch.UntypedStorage] = []
         self._used = 0
-        self._copied: dict[tuple[int, str], torch.UntypedStorage] = {}
 
     def begin(self) -> None:
         """A new save: the buffers are taken from the first again."""
         self._used = 0
-        self._copied = {}
 
     def end(self) -> None:
         """Wait for the save's device-to-host copies."""
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self._copied = {}
 
     def copy(self, obj: Any) -> Any:
-        """`obj` with every tensor copied to host memory. Views of one storage stay views of one
-        copied storage, as `torch.save` would have written them."""
+        """`obj` (one file's state) with every tensor copied to host memory. Views of one storage
+        stay views of one copied storage, as `torch.save` would have written them. Storages are
+        matched by address within this call only: between two files DeepSpeed frees temporary
+        clones, and the next file's may reuse the address."""
+        return self._copy(obj, {})
+
+    def _copy(self, obj: Any, copied: dict[tuple[int, str], torch.UntypedStorage]) -> Any:
         if isinstance(obj, torch.Tensor):
             storage = obj.untyped_storage()
-            host = self._host(storage)
+            key = (storage.data_ptr(), str(storage.device))
+            if key not in copied:
+                copied[key] = self._host(storage)
             out = torch.empty(0, dtype=obj.dtype)
-            return out.set_(host, obj.storage_offset(), obj.size(), obj.stride())
+            return out.set_(copied[key], obj.storage_offset(), obj.size(), obj.stride())
         if isinstance(obj, dict):
             out = copy.copy(obj)  # keeps the type (OrderedDict, defaultdict)
             out.clear()
-            out.update((k, self.copy(v)) for k, v in obj.items())
+            out.update((k, self._copy(v, copied)) for k, v in obj.items())
             return out
         if isinstance(obj, list):
-            return [self.copy(v) for v in obj]
+            return [self._copy(v, copied) for v in obj]
         if isinstance(obj, tuple):
-            items = [self.copy(v) for v in obj]
+            items = [self._copy(v, copied) for v in obj]
             return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
         if isinstance(obj, _IMMUTABLE):
             return obj
@@ -71,9 +75,7 @@ class HostStaging:
             return obj
 
     def _host(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
-        key = (storage.data_ptr(), str(storage.device))
-        if key in self._copied:
-            return self._copied[key]
+        """The next buffer (reused if its size fits, else new), holding a copy of `storage`."""
         nbytes, gpu = storage.nbytes(), storage.device.type == "cuda"
         if self._used < len(self._buffers) and self._buffers[self._used].nbytes() == nbytes:
             host = self._buffers[self._used]
@@ -85,7 +87,6 @@ class HostStaging:
                 self._buffers.append(host)
         self._used += 1
         host.copy_(storage, non_blocking=gpu)
-        self._copied[key] = host
         return host
 
 

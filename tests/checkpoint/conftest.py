@@ -23,8 +23,9 @@ def train(data: Path, run_dir: Path, *extra: str) -> None:
 def run_3d(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run folder of a tp=2 x pp=2 x dp=2 (ZeRO 1) run of STEPS steps that checkpoints and
     evaluates at step HALF too: the 3D layout of test_convert and the source of every reshard
-    in test_reshard (one 8-rank run for both)."""
+    in test_reshard (one 8-rank run for both). It saves asynchronously (trainer.async_save), so
+    every test reading or resuming its checkpoints checks the background writer's files too."""
     run_dir = tmp_path_factory.mktemp("run-3d")
     train(sample_data, run_dir, *THREE_D, f"trainer.save_interval={HALF}",
-          f"trainer.eval_interval={HALF}")  # fmt: skip
+          f"trainer.eval_interval={HALF}", "trainer.async_save=true")  # fmt: skip
     return run_dir

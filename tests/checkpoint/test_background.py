@@ -44,6 +44,19 @@ def test_copy_saves_the_same_bytes_and_is_independent() -> None:
     assert saved_bytes(copied) == before
 
 
+def test_each_file_is_copied_as_it_is_then() -> None:
+    """Two files of one save whose tensors share an address (DeepSpeed frees one file's
+    temporary clones before making the next file's) are two copies, each of its own data."""
+    live = torch.zeros(8)
+    staging = HostStaging()
+    staging.begin()
+    first = staging.copy({"w": live})
+    live.add_(1)  # the same storage address, other contents
+    second = staging.copy({"w": live})
+    staging.end()
+    assert torch.equal(first["w"], torch.zeros(8)) and torch.equal(second["w"], torch.ones(8))
+
+
 def test_next_save_reuses_the_buffers() -> None:
     staging = HostStaging()
     staging.begin()
