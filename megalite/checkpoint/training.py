@@ -111,7 +111,8 @@ def save_async(
     staging.end()
     failure = failure or captured.failure
     write = functools.partial(_write_and_commit, root=root, step=step, meta=meta,
-                              global_rank=global_rank, keep=keep, group=group)  # fmt: skip
+                              global_rank=global_rank, keep=keep, group=group,
+                              zipfile=_zipfile(engine.checkpoint_engine))  # fmt: skip
     return PendingSave(write, captured.files, failure)
 
 
@@ -125,11 +126,12 @@ def _write_and_commit(
     global_rank: int,
     keep: int,
     group: dist.ProcessGroup,
+    zipfile: bool,
 ) -> Path:
     """The background part of `save_async`: write this rank's files, fsync and hash them, commit."""
     tmp = root / store.tmp_name(step)
     for path, state in files:
-        failure = failure or _attempt(_torch_save, state, path, writing=path)
+        failure = failure or _attempt(_torch_save, state, path, zipfile=zipfile, writing=path)
     faults.point("after_rank_files", step=step)
     mine = [str(path.relative_to(tmp)) for path, _ in files]  # each rank hashes what it wrote
     every, failure = _hash_all(tmp, mine, failure=failure, group=group)
@@ -199,6 +201,11 @@ def _write_files(
     return _attempt(_torch_save, state, path, writing=path)
 
 
+def _zipfile(checkpoint_engine: Any) -> bool:
+    """Whether DeepSpeed's checkpoint engine writes torch's zipfile format (its default)."""
+    return getattr(checkpoint_engine, "zipfile_serialization", True)
+
+
 def _torch_save(obj: Any, path: Path, *, zipfile: bool = True) -> None:
     """torch.save through a Python file, so that a failed write surfaces as the OSError (torch's
     own file writer reports only "file write failed")."""
@@ -223,7 +230,7 @@ class _DeferredWrites:
         if self.failure is not None:
             return
         if isinstance(self.inner, TorchCheckpointEngine):
-            zipfile = self.inner.zipfile_serialization
+            zipfile = _zipfile(self.inner)
             self.failure = _attempt(
                 _torch_save, state_dict, Path(path), zipfile=zipfile, writing=path
             )

@@ -62,6 +62,7 @@ from megalite.parallel.engine import build_engine
 from megalite.train.logbook import Logbook
 from megalite.train.trainer import Trainer
 from megalite.train.worker import build_model, quiet_known_warnings
+from tools.bench.data import evict
 
 DEFAULTS = [
     "model=1b",
@@ -97,13 +98,6 @@ def _raw_write(path: Path, nbytes: int) -> None:
             left -= f.write(block[: min(left, len(block))])
         f.flush()
         os.fsync(f.fileno())
-
-
-def _drop_cache(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _bytes_of(ckpt: Path) -> tuple[int, int]:
@@ -145,7 +139,7 @@ def measure_rank(cfg: Config, dims: ParallelDims, device: torch.device) -> dict[
     raw.unlink()
 
     if dims.global_rank == 0:
-        _drop_cache(ckpt)
+        evict([p for p in ckpt.rglob("*") if p.is_file()])
     load_s = _timed(training.load, engine, ckpt, global_rank=dims.global_rank)
     return {
         "bytes": nbytes,
