@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from megalite.cli_errors import exit_on_error
-from megalite.cluster.launch import launch, to_config
+from megalite.cluster.launch import check_overrides, launch, to_config
 from megalite.config import register_configs
 
 register_configs()
@@ -31,4 +31,6 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    with exit_on_error():
+        check_overrides(sys.argv[1:])
     main()

@@ -7,9 +7,10 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+from torch.multiprocessing import ProcessRaisedException
 
 from megalite.checkpoint.store import CheckpointError
+from megalite.cluster.local import RankExited
 from megalite.cluster.slurm import JobFailed
 from megalite.config import ConfigError
 from megalite.data.manifest import DataError
@@ -25,19 +26,11 @@ def exit_on_error() -> Iterator[None]:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except JobFailed as e:  # a SLURM job followed with cluster.wait=true
+    except (JobFailed, RankExited) as e:  # a followed SLURM job failed; a rank died or timed out
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except ProcessRaisedException as e:
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         cause = re.sub(r"^megalite\.[\w.]+: ", "", lines[-1])  # our errors speak for themselves
         print(f"error: rank {e.error_index} failed: {cause}", file=sys.stderr)
-        sys.exit(1)
-    except ProcessExitedException as e:  # killed (kill -9, the OOM killer) or os._exit(n)
-        how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with {e.exit_code}"
-        print(
-            f"error: rank {e.error_index} (pid {e.error_pid}) {how}; the other ranks were stopped. "
-            "Resume from the last checkpoint with trainer.resume=auto",
-            file=sys.stderr,
-        )
         sys.exit(1)

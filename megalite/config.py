@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from megalite.data.manifest import DataError
 from megalite.data.mixture import SourceSpec, normalise
@@ -128,6 +128,10 @@ class TrainerConfig:
     # With no step completed for this long, every rank dumps its Python stacks (faulthandler)
     # into its log; seconds, 0 disables.
     hang_timeout: float = 1800.0
+    # Each phase of a rank's start (rendezvous, DeepSpeed's set-up, model build, engine,
+    # checkpoint verify and load, data open) must end within this many seconds; past it every rank
+    # names the phase and what it waits for, and the job stops. 0 disables.
+    startup_timeout: float = 1200.0
     # A non-finite loss, or one above spike_factor × the running mean (0: no spike check), is
     # judged before the optimizer step, whose update is then dropped: halt (stop, naming the last
     # checkpoint), skip (go on with the next batch; halt after more than max_skips in a row) or
@@ -221,6 +225,10 @@ def register_configs() -> None:
     """Register the schemas so `conf/*.yaml` are checked against them (`pretrain_schema`)."""
     from hydra.core.config_store import ConfigStore
 
+    # conf/pretrain.yaml's hydra.run.dir: trainer.run_dir when given, else Hydra's dated folder
+    # (oc.select would pass the key's null through).
+    if not OmegaConf.has_resolver("or_default"):
+        OmegaConf.register_new_resolver("or_default", lambda value, default: value or default)
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=Config)
     for group, node in (
@@ -311,6 +319,7 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> Non
         "save_interval",
         "keep_checkpoints",
         "hang_timeout",
+        "startup_timeout",
     ):
         _require(getattr(t, key) >= 0, f"trainer.{key} must be >= 0 (0 disables it)")
     _require(
@@ -471,3 +480,16 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
             "or start that many processes",
         )
     validate_data(cfg.data)
+
+
+def doubtful(cfg: Config) -> list[str]:
+    """Settings that run but are probably not what was meant: one line each, to warn about
+    before launch."""
+    o, t = cfg.optim, cfg.trainer
+    out = []
+    if o.warmup_steps > t.max_steps:
+        out.append(
+            f"optim.warmup_steps={o.warmup_steps} is longer than trainer.max_steps={t.max_steps}: "
+            f"the LR never reaches optim.lr={o.lr:g}; set optim.warmup_steps below {t.max_steps}"
+        )
+    return out

@@ -15,6 +15,10 @@ it there. The points, in the order a save reaches them (see training.save and st
 global window W of the data stream becomes NaN / 100 times larger (see `bad_loss`): a bad batch,
 which the anomaly policy must survive (trainer.anomaly).
 
+`MEGALITE_FAULT=startup_hang@phase=P[,rank=R]`: start-up phase P (its name with `_` for spaces,
+e.g. `model_build`; see train/watchdog.StartupWatchdog) never ends, as a stale lock or a peer that
+never joins would hold it.
+
 Tests only (tests/faults/): never set it in a real run. Unset, `point` costs one environment
 lookup, a few times per checkpoint.
 """
@@ -24,11 +28,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 ENV = "MEGALITE_FAULT"
 SAVE_POINTS = ("after_rank_files", "before_rename", "after_rename_before_latest", "during_prune")
 LOSS_POINTS = ("nan_loss", "spike_loss")
-POINTS = SAVE_POINTS + LOSS_POINTS
+POINTS = SAVE_POINTS + LOSS_POINTS + ("startup_hang",)
 
 
 def point(name: str, *, step: int) -> None:
@@ -50,6 +55,18 @@ def bad_loss(loss: float, *, windows: range) -> float:
     if window is None or int(window) not in windows:
         return loss
     return float("nan") if spec.startswith("nan_loss") else 100.0 * loss
+
+
+def startup_hang(phase: str) -> None:
+    """Block forever if `MEGALITE_FAULT` names start-up phase `phase` (and this rank)."""
+    spec = os.environ.get(ENV)
+    if not spec or spec.partition("@")[0] != "startup_hang":
+        return
+    want = _conditions(spec)
+    if want.get("phase") == phase.replace(" ", "_") and want.get("rank", _rank()) == _rank():
+        print(f"{ENV}: start-up phase {phase!r} hangs (rank {_rank()})", file=sys.stderr)
+        while True:
+            time.sleep(3600)
 
 
 def _rank() -> str:
@@ -74,6 +91,9 @@ def _conditions(spec: str) -> dict[str, str]:
         raise ValueError(f"{ENV}={spec}: unknown point {target!r} (one of {', '.join(POINTS)})")
     pairs = [kv for kv in conditions.split(",") if kv]
     want = dict(kv.split("=", 1) for kv in pairs if "=" in kv)
-    if set(want) - {"step", "rank", "window"} or len(want) != len(pairs):
-        raise ValueError(f"{ENV}={spec}: expected <point>[@step=N][,rank=R] or <point>@window=W")
+    if set(want) - {"step", "rank", "window", "phase"} or len(want) != len(pairs):
+        raise ValueError(
+            f"{ENV}={spec}: expected <point>[@step=N][,rank=R], <point>@window=W or "
+            "startup_hang@phase=P[,rank=R]"
+        )
     return want

@@ -39,16 +39,16 @@ def deepspeed_dp_rank(rank: int, world: int) -> Any:
     and the groups of a pure data-parallel layout; returns the ParallelDims."""
     import logging
 
-    import deepspeed
     import torch
 
+    from megalite.cluster.env import join_deepspeed
     from megalite.parallel.dims import ParallelDims
     from megalite.train.worker import quiet_known_warnings
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     os.environ["LOCAL_WORLD_SIZE"] = str(world)
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
+    join_deepspeed("gloo")
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     quiet_known_warnings()
     dims = ParallelDims(tp=1, pp=1, dp=world, global_rank=rank)

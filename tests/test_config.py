@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -10,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from megalite.checkpoint.store import CheckpointError
-from megalite.cluster.launch import prepare_run
-from megalite.config import ConfigError
+from megalite.cluster.launch import check_overrides, prepare_run
+from megalite.config import ConfigError, TrainerConfig, doubtful
 from megalite.data.manifest import DataError
 from tests.helpers import CONF, ROOT, compose_config
 
@@ -139,6 +141,77 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
         "error: world size 3 != tp x pp x dp = 1 x 1 x 2 = 2: set parallel.dp=3 "
         "or start that many processes"
     ]
+
+
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (["trainer.max_step=5"], "unknown config key trainer.max_step (did you mean trainer.max_"),
+        (["+trainer.max_step=5"], "unknown config key trainer.max_step (did you mean"),
+        (["trainr.seed=1"], "unknown config key trainr.seed (did you mean trainer?)"),
+        (["model=tni"], "model=tni: no such option; model options: 125m, 13b,"),
+        (["model=model_schema"], "model=model_schema: no such option"),
+        (["-m", "model=tiny,7bb"], "model=7bb: no such option (did you mean 7b?)"),
+        (["+cluster=slurmm"], "cluster=slurmm: no such option (did you mean slurm?)"),
+        (["trainer.seed=[1"], "no viable alternative at input '[1'"),
+    ],
+)  # fmt: skip
+def test_a_bad_override_is_one_line(argv: list[str], line: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        check_overrides(argv)
+    assert line in str(e.value) and "\n" not in str(e.value)
+    assert "model_schema" not in str(e.value).partition("options:")[2]
+
+
+def test_good_overrides_pass() -> None:
+    check_overrides(["-m", "model=tiny,125m", "optim.lr=1e-3,3e-4", "+cluster=slurm",
+                     "cluster.sbatch_extra={a: b}", "data.sources=[{path: x}]", "~trainer.seed",
+                     "--config-name", "pretrain", "hydra.run.dir=x"])  # fmt: skip
+
+
+def test_cli_typo_and_no_run_dir(tmp_path: Path) -> None:
+    """As a user types them: a misspelt key is one line, exit 2 (not Hydra's block, exit 1); with
+    no trainer.run_dir Hydra's dated folder is the run folder (composition reaches our checks)."""
+    pretrain = [sys.executable, str(ROOT / "launch/pretrain.py")]
+    typo = subprocess.run([*pretrain, "trainer.max_step=5"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert typo.returncode == 2, typo.stderr
+    assert typo.stderr.strip().splitlines() == [
+        "error: unknown config key trainer.max_step (did you mean trainer.max_steps?); keys of "
+        f"trainer: {', '.join(f.name for f in dataclasses.fields(TrainerConfig))}"
+    ]
+    bare = subprocess.run([*pretrain, "parallel.tp=3"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert bare.returncode == 2, bare.stderr
+    assert bare.stderr.strip().splitlines() == [
+        "error: model.n_heads=4 is not divisible by parallel.tp=3: use a tp that divides 4"
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["outputs"]
+
+
+@pytest.mark.parametrize("previous", ["metrics.jsonl", "checkpoints/step_00000002/meta.json"])
+def test_a_fresh_start_never_mixes_with_a_previous_run(
+    sample_data: Path, tmp_path: Path, previous: str
+) -> None:
+    (tmp_path / previous).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / previous).write_text("{}")
+    cfg = compose_config([f"data.path={sample_data}"])
+    with pytest.raises(ConfigError) as e:
+        prepare_run(cfg, run_dir=tmp_path, world_size=None)
+    assert str(e.value) == (
+        f"trainer.run_dir={tmp_path} holds a previous run ({previous.split('/')[0]}): continue it "
+        "with trainer.resume=auto, or start afresh with a new trainer.run_dir"
+    )
+
+
+def test_warmup_longer_than_the_run_is_warned(
+    sample_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = compose_config([f"data.path={sample_data}", "trainer.max_steps=60"])
+    with caplog.at_level(logging.WARNING, logger="megalite"):
+        prepare_run(cfg, run_dir=tmp_path, world_size=None)
+    assert "optim.warmup_steps=100 is longer than trainer.max_steps=60" in caplog.text
+    assert not doubtful(compose_config(["trainer.max_steps=60", "optim.warmup_steps=60"]))
 
 
 @pytest.mark.parametrize(

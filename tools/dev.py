@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -41,6 +42,7 @@ PINNED = [
     "triton==3.9.0",  # kernels/: tested on CPU through its interpreter (TRITON_INTERPRET=1)
     "transformers==5.23.0",  # tests only: Hugging Face conversion parity
 ]
+DEMO_RUN = "runs/demo"
 DEMO = [
     "launch/pretrain.py",
     "model=tiny",
@@ -57,7 +59,7 @@ DEMO = [
     "optim.lr=3e-3",
     "optim.min_lr=3e-4",
     "optim.warmup_steps=30",
-    "trainer.run_dir=runs/demo",
+    f"trainer.run_dir={DEMO_RUN}",
 ]
 
 
@@ -78,6 +80,11 @@ def setup() -> None:
     ).hexdigest()
     if stamp.is_file() and stamp.read_text() == want:
         return
+    print(
+        f"setting up {VENV}: {TORCH} (the CPU build on a CPU machine), {DEEPSPEED} and "
+        f"{len(PINNED)} pinned packages, then megalite itself (~3 min the first time)",
+        flush=True,
+    )
     if not python().exists():
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip = [python(), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
@@ -89,6 +96,15 @@ def setup() -> None:
 
 
 def demo(extra: list[str]) -> None:
+    """Each demo starts afresh: a previous demo's run folder is removed first (a run refuses to
+    start over in a folder that holds another run), unless the overrides name a run folder or a
+    resume."""
+    previous = ROOT / DEMO_RUN
+    if previous.exists() and not any(
+        a.startswith(("trainer.run_dir=", "trainer.resume=")) for a in extra
+    ):
+        print(f"removing the previous demo run {DEMO_RUN}/ (each demo starts afresh)", flush=True)
+        shutil.rmtree(previous)
     run(python(), *DEMO, *extra)
 
 

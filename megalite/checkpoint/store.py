@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -50,6 +51,7 @@ LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 CHUNK = 1 << 20  # bytes read at a time when hashing
+log = logging.getLogger("megalite")
 STEP_FOLDER = re.compile(r"step_(\d+)(?:\.(\d+))?")  # step_00000100, or step_00000100.1
 
 
@@ -275,6 +277,43 @@ def latest(root: Path) -> Path | None:
     return head
 
 
+def lineage(root: Path) -> list[Path]:
+    """The committed checkpoints under `root`, newest commit first: `latest()`, then each one's
+    `previous` in turn. Where a meta.json cannot be read, or has no link (an older checkpoint),
+    the next is the newest committed older step."""
+    out: list[Path] = []
+    head = latest(root)
+    while head is not None and head not in out:
+        out.append(head)
+        try:
+            link = json.loads((head / META).read_text()).get("previous", "")
+        except (OSError, ValueError):
+            link = ""
+        if link:
+            head = root / link if (root / link / META).is_file() else None
+        elif link is None:  # the run's first checkpoint
+            head = None
+        else:
+            older = [p for p in committed(root) if _order(p)[0] < _order(head)[0]]
+            head = older[-1] if older else None
+    return out
+
+
+def resume_candidates(root: Path) -> list[Path]:
+    """`trainer.resume=auto`: the `lineage` whose files are all there at their recorded sizes,
+    newest first; each one left out is logged with the reason. The ranks then load the first
+    whose checksums verify (Trainer.resume_newest)."""
+    found = []
+    for ckpt in lineage(root):
+        try:
+            read_meta(ckpt)
+        except CheckpointError as e:
+            log.warning("trainer.resume=auto: skipping damaged checkpoint %s", e)
+            continue
+        found.append(ckpt)
+    return found
+
+
 def resolve(resume: str, *, run_dir: Path) -> Path | None:
     """Turn `trainer.resume` into a checkpoint folder.
 
@@ -327,7 +366,10 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     meta_path = ckpt / META
     if not meta_path.is_file():
         raise CheckpointError(f"{ckpt}: not a committed checkpoint (no {META})")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: {META} cannot be read ({e})") from e
     problem = first_problem(ckpt, meta["files"], checksum=False)
     if problem is not None:
         raise CheckpointError(f"{ckpt}: {problem}")

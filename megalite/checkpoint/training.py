@@ -351,10 +351,11 @@ def verify_shared(ckpt: Path) -> None:
         raise store.CheckpointError(f"{ckpt}: {problem}")
 
 
-def load(engine: Any, ckpt: Path, *, global_rank: int) -> dict[str, Any]:
-    """Restore engine state from a committed checkpoint, verified first (`verify_shared`);
-    returns this rank's own saved state."""
-    verify_shared(ckpt)
+def load(engine: Any, ckpt: Path, *, global_rank: int, verify: bool = True) -> dict[str, Any]:
+    """Restore engine state from a committed checkpoint, verified first (`verify_shared`, unless
+    the caller just did); returns this rank's own saved state."""
+    if verify:
+        verify_shared(ckpt)
     load_path, _ = engine.load_checkpoint(
         str(ckpt.parent),
         tag=ckpt.name,

@@ -129,10 +129,13 @@ def _read(ckpt: Path, name: str, kind: str) -> torch.Tensor:
     return load_file(ckpt / tensor_file(name, kind))["t"]
 
 
-def load_universal(engine: Any, ckpt: Path, *, tp: int, tp_rank: int) -> dict[str, Any]:
-    """Fill `engine` (any layout) from universal checkpoint `ckpt`, verified first; returns the
-    saved rank state. Collective."""
-    training.verify_shared(ckpt)
+def load_universal(
+    engine: Any, ckpt: Path, *, tp: int, tp_rank: int, verify: bool = True
+) -> dict[str, Any]:
+    """Fill `engine` (any layout) from universal checkpoint `ckpt`, verified first (unless the
+    caller just did); returns the saved rank state. Collective."""
+    if verify:
+        training.verify_shared(ckpt)
     meta = store.read_meta(ckpt)
     place = _placer(engine.optimizer, step=float(meta["optimizer_step"]))
     kinds = KINDS if meta.get("optimizer_state", True) else ("param",)  # from-hf: weights only

@@ -13,6 +13,7 @@ import datetime
 import os
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -80,7 +81,17 @@ def pick_device(requested: str, *, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def backend_of(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(env: DistEnv, *, device: torch.device, timeout_s: float = 600.0) -> None:
+    """Join the process group (`init_process_group`), then DeepSpeed's comm layer over it."""
+    init_process_group(env, device=device, timeout_s=timeout_s)
+    join_deepspeed(backend_of(device))
+
+
+def init_process_group(env: DistEnv, *, device: torch.device, timeout_s: float = 600.0) -> None:
     """Join the process group: NCCL on GPUs, gloo on CPU.
 
     Also exports the torchrun variables, which DeepSpeed reads (LOCAL_RANK above all) however the
@@ -97,7 +108,6 @@ def init_distributed(env: DistEnv, *, device: torch.device, timeout_s: float = 6
     if device.type == "cpu":
         # Share the cores between the local ranks instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
-    backend = "nccl" if device.type == "cuda" else "gloo"
     # Groups made later with dist.new_group(...) and no timeout (DeepSpeed's among them) take
     # torch's module default (30 min), not the world's: make that default ours too, so no
     # collective of any group waits longer than `timeout_s` on a dead peer.
@@ -106,17 +116,50 @@ def init_distributed(env: DistEnv, *, device: torch.device, timeout_s: float = 6
     if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
         distributed_c10d.default_pg_nccl_timeout = timeout
     dist.init_process_group(
-        backend=backend,
+        backend=backend_of(device),
         init_method=f"tcp://{env.master_addr}:{env.master_port}",
         rank=env.global_rank,
         world_size=env.world_size,
         timeout=timeout,
     )
-    # DeepSpeed's own comm layer wraps the group just made (its pipeline module needs it before
-    # the engine exists).
+
+
+def join_deepspeed(backend: str) -> None:
+    """DeepSpeed's own comm layer wraps the group just made (its pipeline module needs it before
+    the engine exists), without building its shared-memory op (`without_shm_comm_op`)."""
     import deepspeed
 
+    without_shm_comm_op()
     deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
+
+
+def without_shm_comm_op() -> None:
+    """Tell DeepSpeed its CPU shared-memory comm op cannot be built, so its comm layer never
+    JIT-compiles it.
+
+    The op serves only `inference_all_reduce`, which megalite never calls, and compiling it on a
+    run's path costs ~40 s per environment, is redone whenever another `ninja` is found, and
+    leaves a lock that blocks every later start forever if interrupted. DeepSpeed consults its
+    cached table of compatible ops (one dict, kept in `deepspeed.ops`, so the edit holds) before
+    building it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def extension_locks() -> str:
+    """What DeepSpeed's set-up may wait for: the lock files of torch's extension builds (an
+    interrupted build leaves its lock, and every later build of that op waits on it forever)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    locks = sorted(root.glob("*/lock")) + sorted(root.glob("*/*/lock"))
+    if not locks:
+        return f"DeepSpeed's set-up (no build lock under {root})"
+    return (
+        f"DeepSpeed's set-up; build lock(s) {', '.join(map(str, locks))}: left by an interrupted "
+        "build, each is safe to delete when no build is running"
+    )
 
 
 def release_distributed() -> None:

@@ -10,7 +10,9 @@ process is one of torchrun's/srun's).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import typing
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from megalite.checkpoint import store
 from megalite.cluster.env import from_environ
-from megalite.cluster.local import spawn
+from megalite.cluster.local import RankExited, spawn
 from megalite.config import (
     Config,
     ConfigError,
     SourceConfig,
     data_sources,
+    doubtful,
     register_configs,
     validate,
 )
@@ -33,6 +36,7 @@ from megalite.data.sample import prepare_sample
 from megalite.data.shards import Retry, is_pattern, locate
 from megalite.train.worker import run_worker
 
+log = logging.getLogger("megalite")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
@@ -43,6 +47,84 @@ def compose_config(overrides: list[str] | None = None) -> Config:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_config(compose("pretrain", overrides=list(overrides or [])))
+
+
+VALUE_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-c",
+               "--cfg", "-p", "--package", "--info", "--run", "-r"}  # fmt: skip
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Refuse, in one line naming the fix, a command-line override Hydra would refuse with a
+    block of text (or let through to a traceback): a key no schema has, or a group option that
+    is not in `conf/`. Sweeps (`-m`, `a,b`) are checked value by value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import OverrideParseException
+
+    args = [a for i, a in enumerate(argv) if not a.startswith("-")
+            and not (i > 0 and argv[i - 1] in VALUE_FLAGS)]  # fmt: skip
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except OverrideParseException as e:
+        raise ConfigError(f"{str(e).splitlines()[0]} (quote values with spaces)") from None
+    for override in overrides:
+        key = override.key_or_group
+        if override.type == OverrideType.DEL or key.split(".")[0] == "hydra":
+            continue
+        if key in _groups():
+            choices = (
+                list(override.sweep_string_iterator())
+                if override.is_sweep_override()
+                else [override.get_value_element_as_str()]
+            )
+            for choice in choices:
+                _check_option(key, choice)
+        else:
+            _check_key(key)
+
+
+def _groups() -> dict[str, list[str]]:
+    """Each config group and its options (the YAML files of `conf/<group>/`)."""
+    return {
+        f.name: sorted(y.stem for y in (CONF_DIR / f.name).glob("*.yaml"))
+        for f in dataclasses.fields(Config)
+        if (CONF_DIR / f.name).is_dir()
+    }
+
+
+def _check_option(group: str, choice: str) -> None:
+    options = _groups()[group]
+    if choice not in options:
+        raise ConfigError(
+            f"{group}={choice}: no such option{_did_you_mean(choice, options)}; "
+            f"{group} options: {', '.join(options)}"
+        )
+
+
+def _check_key(key: str) -> None:
+    """`key` is a field path of the schema (anything below a field that is not a dataclass, such
+    as a list or dict, is the value's business)."""
+    schema: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(schema):
+            return
+        fields = [f.name for f in dataclasses.fields(schema)]
+        if part not in fields:
+            where = ".".join(parts[:i])
+            known = [f"{where}.{n}" if where else n for n in fields]
+            raise ConfigError(
+                f"unknown config key {key}{_did_you_mean('.'.join(parts[: i + 1]), known)}; "
+                f"{'keys of ' + where if where else 'top-level keys'}: {', '.join(fields)}"
+            )
+        schema = typing.get_type_hints(schema)[part]
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
@@ -107,29 +189,63 @@ def check_data(cfg: Config) -> None:
             )
 
 
-def resolve_resume(cfg: Config, run_dir: Path) -> Path | None:
-    if not cfg.trainer.resume:
-        return None
-    ckpt = store.resolve(cfg.trainer.resume, run_dir=run_dir)
-    if ckpt is None:
-        return None
-    meta = store.read_meta(ckpt)
-    meta["path"] = str(ckpt)
+def resolve_resume(cfg: Config, run_dir: Path) -> list[Path]:
+    """The checkpoints the ranks may resume from, newest first (see Trainer.resume_newest):
+    with `trainer.resume=auto` the run's own that are whole (a damaged one is skipped, named),
+    else the one named. Empty: a fresh start, refused where a previous run's files would mix
+    with this one's."""
+    resume = cfg.trainer.resume
+    if resume == "auto":
+        found = store.resume_candidates(run_dir / "checkpoints")
+        chain = store.lineage(run_dir / "checkpoints")
+        if chain and not found:  # every one damaged: stop on the newest's problem
+            store.read_meta(chain[0])
+    elif resume:
+        found = [store.resolve(resume, run_dir=run_dir)]
+    else:
+        refuse_previous_run(run_dir)
+        return []
+    if not found:
+        return []
+    meta = store.read_meta(found[0])
+    meta["path"] = str(found[0])
     p = cfg.parallel
     store.check_compatible(
         meta, model=asdict(cfg.model), layout={"tp": p.tp, "pp": p.pp, "dp": p.dp}
     )
-    return ckpt
+    return found
+
+
+def refuse_previous_run(run_dir: Path) -> None:
+    """A fresh start in a folder that holds another run's checkpoints or metrics would append to
+    its metrics.jsonl and commit `step_N.1` beside its checkpoints: refused."""
+    held = [
+        what
+        for what, there in (
+            ("checkpoints", store.committed(run_dir / "checkpoints")),
+            ("metrics.jsonl", (run_dir / "metrics.jsonl").is_file()),
+        )
+        if there
+    ]
+    if held:
+        raise ConfigError(
+            f"trainer.run_dir={run_dir} holds a previous run ({' and '.join(held)}): continue it "
+            "with trainer.resume=auto, or start afresh with a new trainer.run_dir"
+        )
 
 
 def prepare_run(
     cfg: Config, *, run_dir: Path, world_size: int | None, writer: bool = True
-) -> Path | None:
-    """Validate and set up the run; returns the checkpoint to resume from (or None).
+) -> list[Path]:
+    """Validate and set up the run; returns the checkpoints to resume from, newest first (empty:
+    a fresh start; see `resolve_resume`).
 
     Completes `cfg.data` (see `resolve_data`) so every worker reads the same data.
     """
     validate(cfg, world_size=world_size)
+    if writer:
+        for warning in doubtful(cfg):
+            log.warning("%s", warning)
     resolve_data(cfg)
     check_data(cfg)
     cfg.trainer.run_dir = str(run_dir)
@@ -174,10 +290,16 @@ def launch(cfg: Config, *, default_run_dir: Path) -> dict[str, Any] | None:
         world_size=env.world_size if env else None,
         writer=env is None or env.global_rank == 0,
     )
-    resume_arg = str(resume) if resume else None
+    resume_from = [str(c) for c in resume]
     if env is not None:  # under srun (slurm/pretrain.sbatch) a signal-stopped run is requeued
         from megalite.cluster.slurm import after_run
 
-        return after_run(run_worker(cfg, str(run_dir), resume_arg), cfg, str(run_dir))
-    spawn(run_worker, nprocs=cfg.world_size, args=(cfg, str(run_dir), resume_arg))
+        return after_run(run_worker(cfg, str(run_dir), resume_from), cfg, str(run_dir))
+    try:
+        spawn(run_worker, nprocs=cfg.world_size, args=(cfg, str(run_dir), resume_from))
+    except RankExited as e:
+        if e.reported or store.latest(run_dir / "checkpoints") is None:
+            raise
+        hint = "; resume from the last checkpoint with trainer.resume=auto"
+        raise RankExited(f"{e}{hint}", reported=False) from None
     return None

@@ -4,7 +4,9 @@ Each child gets the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADD
 so the worker code is the same whether megalite, torchrun or srun started it. If any child exits
 with an error, the others are terminated and the first error is re-raised in the parent: nothing
 is left waiting in a collective. A child that finished exits at once (`os._exit(0)`), without the
-interpreter's teardown.
+interpreter's teardown. A child that ends itself on purpose with a message for the user (a start-up
+phase past its deadline) leaves the message in `MEGALITE_FAILURE_DIR` (`report_failure`), and the
+launcher stops the job with that one line; a child killed by a signal is named (`RankExited`).
 """
 
 from __future__ import annotations
@@ -14,14 +16,52 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
 
 log = logging.getLogger(__name__)
 GRACE_S = 3.0
+FAILURE_DIR = "MEGALITE_FAILURE_DIR"
+STARTUP_EXIT = 3  # a rank's start-up phase ran past trainer.startup_timeout (train/watchdog.py)
+
+
+class RankExited(RuntimeError):
+    """A rank ended without raising: killed (kill -9, the OOM killer), or it ended itself and
+    said why (`report_failure`; then `reported` is True and the message is its line)."""
+
+    def __init__(self, message: str, *, reported: bool) -> None:
+        super().__init__(message)
+        self.reported = reported
+
+
+def _exited(e: mp.ProcessExitedException, failures: Path) -> RankExited:
+    reported = _first_report(failures)
+    if reported is not None:
+        return RankExited(reported, reported=True)
+    how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with {e.exit_code}"
+    return RankExited(
+        f"rank {e.error_index} (pid {e.error_pid}) {how}; the other ranks were stopped",
+        reported=False,
+    )
+
+
+def report_failure(message: str) -> None:
+    """Leave `message` for the launcher that started this rank, if it is megalite's own (srun's
+    and torchrun's ranks say it on stderr and in their logs)."""
+    folder = os.environ.get(FAILURE_DIR)
+    if folder:
+        rank = os.environ.get("RANK", "0")
+        (Path(folder) / f"rank_{int(rank):05d}.txt").write_text(message)
+
+
+def _first_report(folder: Path) -> str | None:
+    reports = sorted(folder.glob("rank_*.txt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    return reports[0].read_text() if reports else None
 
 
 def free_port() -> int:
@@ -31,10 +71,16 @@ def free_port() -> int:
 
 
 def _child(
-    local_rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple
+    local_rank: int,
+    fn: Callable[..., Any],
+    world_size: int,
+    port: int,
+    failures: str,
+    args: tuple,
 ) -> None:
     os.environ.update(
         MEGALITE_LOCAL_CHILD="1",
+        MEGALITE_FAILURE_DIR=failures,
         RANK=str(local_rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(local_rank),
@@ -64,14 +110,22 @@ def spawn(fn: Callable[..., Any], *, nprocs: int, args: tuple = ()) -> None:
     is what ends it when a sibling has failed.
     """
     port = free_port()
-    ctx = mp.start_processes(
-        _child, args=(fn, nprocs, port, args), nprocs=nprocs, join=False, start_method="spawn"
-    )
-    with _forwarding_stop_signals(ctx.processes):
-        # When one rank fails the others get GRACE_S to end by themselves (and log why), then
-        # SIGTERM, then after GRACE_S more SIGKILL: a rank stuck in C code still goes.
-        while not ctx.join(grace_period=GRACE_S):
-            pass
+    with tempfile.TemporaryDirectory(prefix="megalite-failures-") as failures:
+        ctx = mp.start_processes(
+            _child,
+            args=(fn, nprocs, port, failures, args),
+            nprocs=nprocs,
+            join=False,
+            start_method="spawn",
+        )
+        with _forwarding_stop_signals(ctx.processes):
+            # When one rank fails the others get GRACE_S to end by themselves (and log why), then
+            # SIGTERM, then after GRACE_S more SIGKILL: a rank stuck in C code still goes.
+            try:
+                while not ctx.join(grace_period=GRACE_S):
+                    pass
+            except mp.ProcessExitedException as e:
+                raise _exited(e, Path(failures)) from None
 
 
 @contextmanager

@@ -57,7 +57,7 @@ class SlurmTask:
 
     cfg: Config
     run_dir: str
-    resume: str | None
+    resume: tuple[str, ...]  # checkpoints to resume from, newest first (launch.resolve_resume)
 
     def __call__(self) -> dict[str, Any]:
         import submitit
@@ -76,9 +76,9 @@ class SlurmTask:
         )
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         resume = self.resume
-        if restarts:  # requeued: continue from this run's own latest checkpoint
-            latest = store.latest(Path(self.run_dir) / "checkpoints")
-            resume = str(latest) if latest else resume
+        if restarts:  # requeued: continue from this run's own newest whole checkpoint
+            own = store.resume_candidates(Path(self.run_dir) / "checkpoints")
+            resume = tuple(map(str, own)) or resume
         try:
             result = run_worker(self.cfg, self.run_dir, resume)
         except Exception as exc:
@@ -173,7 +173,7 @@ def executor_parameters(cfg: Config) -> dict[str, Any]:
     return params
 
 
-def submit(cfg: Config, *, run_dir: Path, resume: Path | None) -> Any:
+def submit(cfg: Config, *, run_dir: Path, resume: list[Path]) -> Any:
     """Submit the run; returns the submitit Job. SLURM's refusal is a ConfigError with its text."""
     if shutil.which("sbatch") is None:
         raise ConfigError(
@@ -187,7 +187,7 @@ def submit(cfg: Config, *, run_dir: Path, resume: Path | None) -> Any:
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=0)
     executor.update_parameters(**executor_parameters(cfg))
     try:
-        return executor.submit(SlurmTask(cfg, str(run_dir), str(resume) if resume else None))
+        return executor.submit(SlurmTask(cfg, str(run_dir), tuple(map(str, resume))))
     except FailedJobError as e:  # sbatch refused: show SLURM's own message
         raise ConfigError(f"sbatch refused the job: {str(e).strip()}") from e
 
@@ -234,7 +234,7 @@ def results(job: Any) -> list[Any]:
     return [task.result() for task in tasks(job)]
 
 
-def run_job(cfg: Config, *, run_dir: Path, resume: Path | None) -> dict[str, Any] | None:
+def run_job(cfg: Config, *, run_dir: Path, resume: list[Path]) -> dict[str, Any] | None:
     """Submit, say where everything is, and with `cluster.wait` follow the job to its end
     (returns rank 0's result)."""
     job = submit(cfg, run_dir=run_dir, resume=resume)

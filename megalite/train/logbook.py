@@ -16,6 +16,11 @@ from typing import Any
 log = logging.getLogger("megalite")
 
 
+def log_file(run_dir: Path, global_rank: int) -> Path:
+    """The log file of one rank (every rank has one; rank 0 also logs to the console)."""
+    return run_dir / "logs" / f"rank_{global_rank:05d}.log"
+
+
 def format_line(record: dict[str, Any]) -> str:
     """E.g. `step 120/300 | loss 4.1234 | lr 2.950e-04 | grad 0.812 | 18.2k tok/s | mfu 31.20% |
     mem 1.20GiB`."""

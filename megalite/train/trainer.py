@@ -38,7 +38,7 @@ from megalite.parallel.engine import megalite_clips
 from megalite.parallel.parallelize import LossFn, shard_specs
 from megalite.train import metrics
 from megalite.train.anomaly import LossGuard
-from megalite.train.logbook import Logbook, format_line
+from megalite.train.logbook import Logbook, format_line, log_file
 from megalite.train.watchdog import HangWatchdog
 
 log = logging.getLogger("megalite")
@@ -96,7 +96,7 @@ class Trainer:
         self.device = device
         self.run_dir = run_dir
         self.ckpt_root = run_dir / "checkpoints"
-        self.log_file = run_dir / "logs" / f"rank_{dims.global_rank:05d}.log"  # see worker.py
+        self.log_file = log_file(run_dir, dims.global_rank)
         self.logbook = logbook
         t = cfg.trainer
         self.sources = normalise(data_sources(cfg.data))
@@ -154,14 +154,32 @@ class Trainer:
 
     # ---- state ----------------------------------------------------------------------------
 
-    def resume(self, ckpt: Path) -> None:
+    def resume_newest(self, candidates: list[Path]) -> None:
+        """Resume from the first of `candidates` (newest first) whose files verify. With more
+        than one (trainer.resume=auto) a damaged one is skipped, named, for the next; the last
+        one's damage stops the run. Collective: every rank reaches the same verdicts."""
+        for i, ckpt in enumerate(candidates):
+            try:
+                training.verify_shared(ckpt)
+            except store.CheckpointError as e:
+                if i == len(candidates) - 1:
+                    raise
+                log.warning("trainer.resume=auto: skipping damaged checkpoint %s", e)
+                continue
+            self.resume(ckpt, verified=True)
+            return
+
+    def resume(self, ckpt: Path, *, verified: bool = False) -> None:
         layout_free = universal.is_universal(store.read_meta(ckpt))  # by `convert.py reshard`
+        verify = not verified
         if layout_free:
             state = universal.load_universal(
-                self.engine, ckpt, tp=self.dims.tp, tp_rank=self.dims.tp_rank
+                self.engine, ckpt, tp=self.dims.tp, tp_rank=self.dims.tp_rank, verify=verify
             )
         else:
-            state = training.load(self.engine, ckpt, global_rank=self.dims.global_rank)
+            state = training.load(
+                self.engine, ckpt, global_rank=self.dims.global_rank, verify=verify
+            )
         self.step = state["step"]
         self.consumed_tokens = state["consumed_tokens"]
         self.initial_val_loss = state.get("initial_val_loss")
@@ -358,7 +376,7 @@ class Trainer:
         if self.step == 0:
             self.initial_val_loss = self.evaluate()
             self._log_eval(self.initial_val_loss)
-        last = min(t.max_steps, t.stop_at_step or t.max_steps)
+        last = t.max_steps if t.stop_at_step is None else min(t.max_steps, t.stop_at_step)
         watchdog = HangWatchdog(self.log_file, timeout_s=t.hang_timeout)
         try:
             result = self._loop(last, watchdog)
@@ -396,7 +414,14 @@ class Trainer:
         if self.saved_step != self.step:
             self.save()
         result = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
-        if self.initial_val_loss is not None:
+        if self.step < t.max_steps:
+            log.info(
+                "stopped at step %d (trainer.stop_at_step; the schedule runs to max_steps=%d): "
+                "resume with trainer.resume=auto",
+                self.step,
+                t.max_steps,
+            )
+        elif self.initial_val_loss is not None:
             log.info(
                 "final validation loss %.4f (perplexity %.2f); untrained %.4f (perplexity %.2f)",
                 val_loss,

@@ -6,12 +6,15 @@ applied in megalite/parallel) → DeepSpeed engine → data stream → loop.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
 import signal
 import sys
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,14 +25,17 @@ import torch
 from megalite.checkpoint import store
 from megalite.cluster.env import (
     DistEnv,
+    backend_of,
+    extension_locks,
     from_environ,
-    init_distributed,
+    init_process_group,
+    join_deepspeed,
     pick_device,
     release_distributed,
 )
 from megalite.cluster.local import local_child
 from megalite.cluster.signals import StopRequest
-from megalite.config import Config
+from megalite.config import Config, data_sources
 from megalite.model import ops
 from megalite.model.llama import Llama
 from megalite.parallel.checkpointing import apply_ac
@@ -37,30 +43,66 @@ from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine, effective_zero_stage
 from megalite.parallel.parallelize import LossFn, apply_tp, head_entry, tag_plain_names
 from megalite.parallel.pipeline import bubble_fraction, build_pipeline
-from megalite.train.logbook import Logbook
+from megalite.train.logbook import Logbook, log_file
 from megalite.train.trainer import Trainer
+from megalite.train.watchdog import StartupWatchdog
 
 log = logging.getLogger("megalite")
 
 
 def setup_logging(run_dir: Path, *, global_rank: int, level: str = "INFO") -> None:
     """Rank 0 logs to the console; every rank logs to `logs/rank_XXXXX.log`."""
-    logs = run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    path = log_file(run_dir, global_rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter(f"%(asctime)s [rank {global_rank}] %(message)s", "%H:%M:%S")
     root = logging.getLogger("megalite")
     root.handlers.clear()
     root.setLevel(level)
     root.propagate = False
-    file_handler = logging.FileHandler(logs / f"rank_{global_rank:05d}.log")
+    file_handler = logging.FileHandler(path)
     file_handler.setFormatter(fmt)
     root.addHandler(file_handler)
     if global_rank == 0:
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(fmt)
         root.addHandler(console)
-    for noisy in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DeepSpeed's own logger and what it prints (`deepspeed_prints_to_log`): the rank's log only.
+    for name, level in (("DeepSpeed", logging.WARNING), (DEEPSPEED_PRINTS, logging.INFO)):
+        quiet = logging.getLogger(name)
+        quiet.handlers = [file_handler]
+        quiet.setLevel(level)
+        quiet.propagate = False
+
+
+DEEPSPEED_PRINTS = "megalite.deepspeed"
+
+
+class _LinesToLog(io.TextIOBase):
+    """A text stream whose every line becomes one record of `logger`."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger, self.pending = logger, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.logger.info("%s", line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.logger.info("%s", self.pending)
+            self.pending = ""
+
+
+@contextmanager
+def deepspeed_prints_to_log() -> Iterator[None]:
+    """DeepSpeed `print`s as it sets up (its pipeline's seed settings, topology and stage
+    listing): into this rank's log file, not the console."""
+    stream = _LinesToLog(logging.getLogger(DEEPSPEED_PRINTS))
+    with redirect_stdout(stream):
+        yield
+    stream.flush()
 
 
 def quiet_known_warnings() -> None:
@@ -115,8 +157,13 @@ def build_model(cfg: Config, dims: ParallelDims) -> tuple[torch.nn.Module, LossF
     return pipe, loss_fn
 
 
-def run_worker(cfg: Config, run_dir: str, resume_from: str | None = None) -> dict[str, Any]:
-    """Train in this process as one rank of the job described by the environment."""
+def run_worker(cfg: Config, run_dir: str, resume_from: Sequence[str] = ()) -> dict[str, Any]:
+    """Train in this process as one rank of the job described by the environment.
+
+    `resume_from`: checkpoints to resume from, newest first; the first that verifies is loaded
+    (more than one only with `trainer.resume=auto`, see launch.resolve_resume). Empty: a fresh
+    start.
+    """
     env: DistEnv | None = from_environ()
     if env is None:
         raise RuntimeError("run_worker needs RANK/WORLD_SIZE (torchrun) or SLURM_PROCID (srun)")
@@ -124,44 +171,43 @@ def run_worker(cfg: Config, run_dir: str, resume_from: str | None = None) -> dic
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     setup_logging(run_path, global_rank=env.global_rank, level=cfg.logging.level)
     quiet_known_warnings()
+    startup = StartupWatchdog(
+        log_file(run_path, env.global_rank),
+        timeout_s=cfg.trainer.startup_timeout,
+        rank=env.global_rank,
+    )
     device = pick_device(cfg.trainer.device, local_rank=env.local_rank)
-    init_distributed(env, device=device, timeout_s=cfg.trainer.collective_timeout)
+    join = f"all {env.world_size} ranks to join at {env.master_addr}:{env.master_port}"
+    with startup.phase("rendezvous", waits_for=join):
+        init_process_group(env, device=device, timeout_s=cfg.trainer.collective_timeout)
     try:
-        return _train(cfg, env, device, run_path, resume_from)
+        with startup.phase("extension load", waits_for=extension_locks), deepspeed_prints_to_log():
+            join_deepspeed(backend_of(device))
+        return _train(cfg, env, device, run_path, [Path(c) for c in resume_from], startup)
     finally:
+        startup.close()
         release_distributed()
 
 
 def _train(
-    cfg: Config, env: DistEnv, device: torch.device, run_dir: Path, resume_from: str | None
+    cfg: Config,
+    env: DistEnv,
+    device: torch.device,
+    run_dir: Path,
+    resume_from: list[Path],
+    startup: StartupWatchdog,
 ) -> dict[str, Any]:
     p = cfg.parallel
     dims = ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, global_rank=env.global_rank)
-    dims.build_groups()
-    ops.configure(cfg.kernels.backend, attention=cfg.kernels.attention)
-    log.info(
-        "world %d = tp %d%s x pp %d x dp %d | ZeRO %d%s | %s | device %s | pid %d | ops %s",
-        dims.world_size,
-        p.tp,
-        " (sequence parallel)" if p.sequence_parallel else "",
-        p.pp,
-        p.dp,
-        effective_zero_stage(cfg),
-        f" (asked {p.zero_stage}: nothing to shard with dp=1)"
-        if effective_zero_stage(cfg) != p.zero_stage
-        else "",
-        cfg.trainer.precision,
-        device,
-        os.getpid(),
-        ops.describe_backends(
-            device=device,
-            dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32,
-        ),
-    )
-    module, loss_fn = build_model(cfg, dims)
-    engine, scheduler = build_engine(module.to(device), cfg, dims)
-    ckpt = Path(resume_from) if resume_from else None
-    meta = store.read_meta(ckpt) if ckpt else {}
+    peers = "the other ranks (a collective of the set-up)"
+    with startup.phase("model build", waits_for=peers), deepspeed_prints_to_log():
+        dims.build_groups()
+        ops.configure(cfg.kernels.backend, attention=cfg.kernels.attention)
+        _log_layout(cfg, dims, device)
+        module, loss_fn = build_model(cfg, dims)
+    with startup.phase("engine", waits_for=peers), deepspeed_prints_to_log():
+        engine, scheduler = build_engine(module.to(device), cfg, dims)
+    meta = store.read_meta(resume_from[0]) if resume_from else {}
     logbook = Logbook(
         run_dir,
         enabled=env.global_rank == 0,
@@ -179,19 +225,45 @@ def _train(
     stop = StopRequest()
     stop.install([signal.SIGUSR1, signal.SIGUSR2] + ([] if local_child() else [signal.SIGTERM]))
     try:
-        trainer = Trainer(
-            cfg,
-            engine=engine,
-            scheduler=scheduler,
-            dims=dims,
-            device=device,
-            run_dir=run_dir,
-            logbook=logbook,
-            loss_fn=loss_fn,
-            stop=stop,
-        )
-        if ckpt is not None:
-            trainer.resume(ckpt)
+        data = ", ".join(s.path for s in data_sources(cfg.data))
+        with startup.phase("data open", waits_for=f"the data at {data} (or a slower peer)"):
+            trainer = Trainer(
+                cfg,
+                engine=engine,
+                scheduler=scheduler,
+                dims=dims,
+                device=device,
+                run_dir=run_dir,
+                logbook=logbook,
+                loss_fn=loss_fn,
+                stop=stop,
+            )
+        if resume_from:
+            reading = f"reading {', '.join(map(str, resume_from))} (or a slower peer)"
+            with startup.phase("checkpoint verify and load", waits_for=reading):
+                trainer.resume_newest(resume_from)
+        startup.close()
         return trainer.fit()
     finally:
         logbook.close()
+
+
+def _log_layout(cfg: Config, dims: ParallelDims, device: torch.device) -> None:
+    p, zero = cfg.parallel, effective_zero_stage(cfg)
+    log.info(
+        "world %d = tp %d%s x pp %d x dp %d | ZeRO %d%s | %s | device %s | pid %d | ops %s",
+        dims.world_size,
+        p.tp,
+        " (sequence parallel)" if p.sequence_parallel else "",
+        p.pp,
+        p.dp,
+        zero,
+        f" (asked {p.zero_stage}: nothing to shard with dp=1)" if zero != p.zero_stage else "",
+        cfg.trainer.precision,
+        device,
+        os.getpid(),
+        ops.describe_backends(
+            device=device,
+            dtype=torch.bfloat16 if cfg.trainer.precision == "bf16" else torch.float32,
+        ),
+    )

@@ -132,3 +132,18 @@ def test_convert_verify_command(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert err == f"megalite-convert: error: {ckpt}: file rank_00000.pt is damaged: CRC-32 " + (
         f"{zlib.crc32(b'z' * 10):08x}, {zlib.crc32(b'y' * 10):08x} at save"
     )
+
+
+def test_resume_candidates_skip_damaged_checkpoints(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Newest commit first; a checkpoint whose meta.json cannot be read, or whose file is short,
+    is left out (logged), and the chain goes on past it by step."""
+    first, second, third = (fake_save(tmp_path, step, commit=True) for step in (10, 20, 30))
+    assert store.lineage(tmp_path) == [third, second, first]
+    (third / store.META).write_text("{not json")
+    (second / "mp_rank_00_model_states.pt").write_bytes(b"short")
+    assert store.lineage(tmp_path) == [third, second, first]
+    assert store.resume_candidates(tmp_path) == [first]
+    assert f"skipping damaged checkpoint {third}: meta.json cannot be read" in caplog.text
+    assert f"skipping damaged checkpoint {second}: file mp_rank_00_model_states.pt" in caplog.text

@@ -101,7 +101,7 @@ def test_damaged_file_is_named_on_resume(
     store.read_meta(ckpt)  # sizes match: the launcher's cheap check passes
     one_line = rf"CheckpointError: {re.escape(str(ckpt))}: file {damaged} is damaged: "
     with pytest.raises(Exception, match=one_line + r"CRC-32 \w{8}, \w{8} at save\n"):
-        train(sample_data, tmp_path, "trainer.resume=auto")
+        train(sample_data, tmp_path, f"trainer.resume={ckpt}")  # auto would take step 6
 
 
 def test_keep_checkpoints_prunes_to_n(reference: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import psutil
 import pytest
 
 from megalite.checkpoint import store
+from tests.faults.test_checkpoint_faults import flip_bytes
 from tests.helpers import ROOT, short_job_overrides, train_losses
 
 STEPS = 20
@@ -62,11 +64,17 @@ def ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def reference(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+def reference_run(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run, checkpointed every 2 steps."""
     run_dir = tmp_path_factory.mktemp("straight")
     out = run(job(sample_data, run_dir, "trainer.save_interval=2"))
     assert out.returncode == 0, out.stderr[-3000:]
-    return train_losses(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: Path) -> dict[int, float]:
+    return train_losses(reference_run)
 
 
 def stop_with(sig: int, cmd: list[str], run_dir: Path, after: int) -> int:
@@ -133,3 +141,42 @@ def test_stuck_rank_dumps_stacks_and_the_job_ends(sample_data: Path, tmp_path: P
     assert "Timed out" in err.strip().splitlines()[-1]
     dump = (tmp_path / "logs" / "rank_00000.log").read_text()
     assert "Timeout (0:00:02)!" in dump and "all_reduce" in dump
+
+
+def damage(ckpt: Path, *, keep_size: bool) -> str:
+    """Flip a byte of one of `ckpt`'s files (found at load, by its CRC-32), or cut it short (found
+    by its size before any process starts); returns the file's name."""
+    victim = sorted(p for p in ckpt.iterdir() if p.name.startswith("zero_pp_rank_1"))[0]
+    if keep_size:
+        flip_bytes(victim)
+    else:
+        victim.write_bytes(victim.read_bytes()[:-100])
+    return victim.name
+
+
+def test_resume_auto_skips_damaged_checkpoints(
+    sample_data: Path, reference_run: Path, reference: dict[int, float], tmp_path: Path
+) -> None:
+    """The two newest checkpoints damaged (step 20: a flipped byte; step 18: a short file):
+    `trainer.resume=auto` names each and resumes from step 16 to the uninterrupted losses; the
+    damaged one named explicitly still fails, in one line."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    ckpts = run_dir / "checkpoints"
+    flipped = damage(ckpts / store.step_name(20), keep_size=True)
+    cut = damage(ckpts / store.step_name(18), keep_size=False)
+    out = run([*job(sample_data, run_dir), "trainer.resume=auto"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = out.stdout + out.stderr
+    for step, name in ((18, cut), (20, flipped)):
+        assert f"skipping damaged checkpoint {ckpts / store.step_name(step)}: file {name} " in said
+    assert f"resumed from {ckpts / store.step_name(16)} at step 16" in said
+    assert train_losses(run_dir) == reference
+
+    explicit = run([*job(sample_data, run_dir), f"trainer.resume={ckpts / store.step_name(18)}"])
+    assert explicit.returncode == 2
+    assert (
+        explicit.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: {ckpts / store.step_name(18)}: file {cut} ")
+    )
