@@ -2,32 +2,39 @@
 
 inspect CKPT                     layout, step, tokens, tensors, shapes and sizes
 verify CKPT                      every file's size and CRC-32 against meta.json
-to-hf --src CKPT --dst DIR       a Hugging Face LlamaForCausalLM folder (any source layout)
+to-hf --src CKPT --dst DIR       a Hugging Face LlamaForCausalLM folder
+reshard --src CKPT --dst DIR     a layout-free checkpoint, for a run of another TP/PP/DP layout
+from-hf --src HF_DIR --dst DIR   a layout-free checkpoint of a Hugging Face Llama's weights
+
+Every command reads both kinds of checkpoint megalite writes: native (DeepSpeed's files, any
+tp/pp/dp, ZeRO 0-3, fp32 or bf16) and layout-free (reshard's and from-hf's); see reader.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megalite.checkpoint import store
 from megalite.checkpoint.store import CheckpointError
 
+if TYPE_CHECKING:
+    from megalite.checkpoint.reader import Checkpoint
+
 
 def _inspect(args: argparse.Namespace) -> None:
-    from megalite.checkpoint.reader import CheckpointReader
+    from megalite.checkpoint.reader import open_checkpoint
 
-    reader = CheckpointReader(args.ckpt)
+    reader = open_checkpoint(args.ckpt)
     meta, m = reader.meta, reader.model
     total_files = sum(store.file_size(entry) for entry in meta["files"].values())
     print(f"checkpoint   {reader.path}")
     print(f"step         {meta['step']}   tokens {meta['consumed_tokens']:,}")
-    print(
-        f"layout       tp={reader.tp} pp={reader.pp} dp={reader.dp}  "
-        f"ZeRO {meta.get('zero_stage')}  sequence_parallel={meta.get('sequence_parallel', False)}"
-    )
+    print(f"layout       {_layout_words(reader)}")
     print(
         f"model        {m.name}: dim {m.dim}, {m.n_layers} layers, {m.n_heads} heads "
         f"({m.n_kv_heads} kv), ffn {m.ffn_dim}, vocab {m.vocab_size}, "
@@ -42,12 +49,35 @@ def _inspect(args: argparse.Namespace) -> None:
     print(f"{'total':<40}{params:>20,}{params * 4 / 2**20:>12.2f}")
 
 
+def _layout_words(reader: Checkpoint) -> str:
+    """inspect's layout line: a native checkpoint's layout, or where a layout-free one is from."""
+    meta = reader.meta
+    if not reader.layout_free:
+        return (
+            f"tp={reader.tp} pp={reader.pp} dp={reader.dp}  ZeRO {meta.get('zero_stage')}  "
+            f"sequence_parallel={meta.get('sequence_parallel', False)}"
+        )
+    if meta.get("source_layout"):
+        src = meta["source_layout"]
+        origin = f"resharded from tp={src['tp']} pp={src['pp']} dp={src['dp']}"
+    else:
+        origin = f"imported from {meta['source']}" if meta.get("source") else "imported"
+    weights = "" if len(reader.kinds) > 1 else ", weights only (fresh optimizer)"
+    return f"layout-free (resume in any layout), {origin}{weights}"
+
+
 def _verify(args: argparse.Namespace) -> None:
-    files = store.verify(Path(args.ckpt))["files"]
+    from megalite.checkpoint.reader import describe, verify_checkpoint
+
+    meta = verify_checkpoint(Path(args.ckpt))
+    files = meta["files"]
     total = sum(store.file_size(entry) for entry in files.values())
     sizes_only = sum(isinstance(entry, int) for entry in files.values())  # saved before CRC-32
     how = f"{sizes_only} of them by size only: an older checkpoint" if sizes_only else "CRC-32"
-    print(f"ok: {args.ckpt}: {len(files)} files, {total / 2**20:,.1f} MiB checked ({how})")
+    print(
+        f"ok: {args.ckpt}: {len(files)} files, {total / 2**20:,.1f} MiB checked ({how}), "
+        f"{describe(Path(args.ckpt), meta)}"
+    )
 
 
 def _to_hf(args: argparse.Namespace) -> None:
@@ -61,16 +91,18 @@ def _to_hf(args: argparse.Namespace) -> None:
 
 
 def _reshard(args: argparse.Namespace) -> None:
-    from megalite.checkpoint.reader import CheckpointReader
+    from megalite.checkpoint.reader import open_checkpoint
     from megalite.checkpoint.universal import write_universal
 
-    source = CheckpointReader(args.src)
+    source = open_checkpoint(args.src)
     layout = {"tp": args.tp, "pp": args.pp, "dp": args.dp or source.dp}
     _check_layout(source.model, layout)
     summary = write_universal(args.src, args.dst, layout=layout, progress=not args.quiet)
+    kinds = ", ".join("weights" if k == "param" else k for k in summary["kinds"])
+    was = "layout-free" if source.layout_free else source.meta["layout"]
     print(
-        f"{'tensors':<10}{summary['tensors']} x (weights, exp_avg, exp_avg_sq)\n"
-        f"{'bytes':<10}{summary['bytes']:,}\n{'layout':<10}{source.meta['layout']} -> {layout}\n"
+        f"{'tensors':<10}{summary['tensors']} x ({kinds})\n"
+        f"{'bytes':<10}{summary['bytes']:,}\n{'layout':<10}{was} -> {layout}\n"
         f"{'written':<10}{summary['dst']}  (resume with trainer.resume={summary['dst']} "
         f"parallel.tp={layout['tp']} parallel.pp={layout['pp']} parallel.dp={layout['dp']})"
     )
@@ -89,7 +121,6 @@ def _check_layout(model, layout: dict[str, int]) -> None:
 
 def _from_hf(args: argparse.Namespace) -> None:
     import json
-    from pathlib import Path
 
     from megalite.checkpoint.hf import import_hf, model_config_from_hf
 
@@ -119,17 +150,17 @@ def parser() -> argparse.ArgumentParser:
     ver.add_argument("ckpt")
     ver.set_defaults(run=_verify)
     hf = sub.add_parser("to-hf", help="export a Hugging Face LlamaForCausalLM folder")
-    hf.add_argument("--src", required=True, help="a committed checkpoint folder")
+    hf.add_argument("--src", required=True, help="a checkpoint folder (native or layout-free)")
     hf.add_argument("--dst", required=True, help="a new folder")
     hf.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     hf.add_argument("--quiet", action="store_true", help="no progress bar")
     hf.set_defaults(run=_to_hf)
     rs = sub.add_parser("reshard", help="rewrite a checkpoint for another TP/PP/DP layout")
-    rs.add_argument("--src", required=True, help="a committed checkpoint folder")
+    rs.add_argument("--src", required=True, help="a checkpoint folder (native or layout-free)")
     rs.add_argument("--dst", required=True, help="a new folder")
     rs.add_argument("--tp", type=int, required=True)
     rs.add_argument("--pp", type=int, required=True)
-    rs.add_argument("--dp", type=int, default=None, help="default: the source's")
+    rs.add_argument("--dp", type=int, default=None, help="default: the source's (1 for from-hf's)")
     rs.add_argument("--quiet", action="store_true", help="no progress bar")
     rs.set_defaults(run=_reshard)
     fh = sub.add_parser("from-hf", help="a checkpoint from a Hugging Face Llama folder")
@@ -143,8 +174,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_deepspeed() -> None:
+    """Name DeepSpeed's accelerator before anything imports DeepSpeed (reading a ZeRO
+    checkpoint unpickles its classes), when the environment does not: its auto-detection, which
+    finds no GPU here, logs "Setting accelerator to CPU" to stdout, into inspect's table. The
+    tools use no device; "cuda" where there is one is what the detection would pick."""
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_deepspeed()
     try:
         args.run(args)
     except CheckpointError as e:

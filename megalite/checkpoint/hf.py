@@ -2,7 +2,8 @@
 `import_hf` (a Llama-family folder → a layout-free megalite checkpoint to continue pretraining).
 
 The plain model is Llama's parameter set with Hugging Face's rotate-half RoPE layout, so the export
-is a renaming: no permutation of q/k rows. Tensors are streamed from `CheckpointReader` one at a
+is a renaming: no permutation of q/k rows. Tensors are streamed from a checkpoint of either kind
+(`reader.open_checkpoint`: native, or layout-free as reshard and import_hf write) one at a
 time into safetensors files of at most `max_shard_bytes` (plus an index when there are several),
 written into a temporary folder that is renamed into place only when complete.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from megalite.checkpoint import store
-from megalite.checkpoint.reader import CheckpointReader
+from megalite.checkpoint.reader import Checkpoint, open_checkpoint
 from megalite.checkpoint.store import CheckpointError
 from megalite.config import ModelConfig
 from megalite.model.llama import Llama
@@ -35,6 +36,13 @@ _LAYER = {
     "mlp.w3.weight": "mlp.up_proj.weight",
     "mlp.w2.weight": "mlp.down_proj.weight",
 }
+# A Hugging Face folder's tokenizer files, which import_hf keeps and export_hf hands back.
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def hf_name(plain: str) -> str:
@@ -139,14 +147,15 @@ def export_hf(
     max_shard_bytes: int = 5 * 2**30,
     progress: bool = True,
 ) -> dict[str, object]:
-    """Write `dst` (must not exist) from checkpoint `src`; returns a summary.
+    """Write `dst` (must not exist) from checkpoint `src` (native or layout-free); returns a
+    summary.
 
     Each safetensors file is streamed: its header is written from the shapes known up front,
     then every tensor's bytes as the reader produces it, so memory holds one tensor at a time.
     """
     from tqdm import tqdm
 
-    reader = CheckpointReader(src)
+    reader = open_checkpoint(src)
     dst = Path(dst)
     torch_dtype = DTYPES[dtype]
     meta_model = dict(Llama(reader.model, device="meta").state_dict(keep_vars=True))
@@ -192,25 +201,46 @@ def _name_files(folder: Path, files: list[tuple[str, list[str]]], total: int) ->
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _copy_tokenizer(reader: CheckpointReader, folder: Path) -> int | None:
-    """The run's tokenizer, if its data folder is still there; returns the EOS id.
+def _copy_tokenizer(reader: Checkpoint, folder: Path) -> int | list[int] | None:
+    """The run's tokenizer, if its data folder is still there, else the one from-hf kept in the
+    checkpoint; returns the EOS id.
 
     A `tokenizer.json` is loaded by `PreTrainedTokenizerFast`; a SentencePiece `tokenizer.model`
     (prepare_data.py --tokenizer x.model) by `LlamaTokenizer`, which encodes with sentencepiece."""
     data = reader.meta.get("data_path")
     manifest = Path(data) / "manifest.json" if data else None
     if manifest is None or not manifest.is_file():
-        return None
+        return _copy_imported_tokenizer(reader, folder)
     info = json.loads(manifest.read_text())
     name = info.get("tokenizer", "tokenizer.json")
     shutil.copy(Path(data) / name, folder / name)
     eos = info.get("eod_token", "<|endoftext|>")
-    if name.endswith(".model"):
-        tok_cfg = {"tokenizer_class": "LlamaTokenizer", "eos_token": eos, "add_bos_token": False}
-    else:
-        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos}
-    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    _write_tokenizer_config(folder, name, eos)
     return info.get("eod_token_id")
+
+
+def _copy_imported_tokenizer(reader: Checkpoint, folder: Path) -> int | list[int] | None:
+    """The Hugging Face tokenizer files import_hf kept in the checkpoint (none: no tokenizer)."""
+    kept = [name for name in HF_TOKENIZER_FILES if (reader.path / name).is_file()]
+    tokenizers = [name for name in kept if name in ("tokenizer.json", "tokenizer.model")]
+    if not tokenizers:
+        return None
+    for name in kept:
+        shutil.copy(reader.path / name, folder / name)
+    if "tokenizer_config.json" not in kept:
+        _write_tokenizer_config(folder, tokenizers[0], eos=None)
+    return reader.meta.get("eos_token_id")
+
+
+def _write_tokenizer_config(folder: Path, name: str, eos: str | None) -> None:
+    """tokenizer_config.json for tokenizer file `name` (the class that loads it, its EOS)."""
+    if name.endswith(".model"):
+        tok_cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False}
+    else:
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if eos is not None:
+        tok_cfg["eos_token"] = eos
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
 
 
 # ---- import ------------------------------------------------------------------------------
@@ -303,15 +333,20 @@ def import_hf(
         missing = sorted(set(plain_of.values()) - seen)
         if missing:
             raise CheckpointError(f"{src}: missing tensors {', '.join(missing[:5])}")
-        if (src / "tokenizer.json").is_file():
-            shutil.copy(src / "tokenizer.json", tmp / "tokenizer.json")
+        for name in HF_TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy(src / name, tmp / name)
         (tmp / "model.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(model)))
-        write_meta(tmp, _import_meta(model, layout=layout, source=src))
+        eos = json.loads((src / "config.json").read_text()).get("eos_token_id")
+        write_meta(tmp, _import_meta(model, layout=layout, source=src, eos_token_id=eos))
     return {"tensors": len(seen), "bytes": total, "dst": str(dst), "model": model}
 
 
-def _import_meta(model: ModelConfig, *, layout: dict[str, int], source: Path) -> dict:
-    """A universal checkpoint's meta for imported weights: step 0, fresh optimizer and stream."""
+def _import_meta(
+    model: ModelConfig, *, layout: dict[str, int], source: Path, eos_token_id: object
+) -> dict:
+    """A universal checkpoint's meta for imported weights: step 0, fresh optimizer and stream
+    (and the EOS id of the HF config, which export_hf gives back)."""
     from dataclasses import asdict
 
     from megalite.checkpoint.universal import FORMAT
@@ -330,6 +365,7 @@ def _import_meta(model: ModelConfig, *, layout: dict[str, int], source: Path) ->
         "global_samples": 0,
         "rank_state": {"step": 0, "consumed_tokens": 0, "initial_val_loss": None, "data": None},
         "tp_shards": {},
+        "eos_token_id": eos_token_id,
     }
 
 

@@ -1,7 +1,13 @@
-"""Read a committed megalite checkpoint of any layout as full tensors of the plain model.
+"""Read a committed megalite checkpoint of any kind as full tensors of the plain model.
 
-A checkpoint holds, per model-parallel rank (a (pp, tp) pair), DeepSpeed's files, in one of four
-forms (`bf16_` prefixes the optimizer files under bf16; the fp32 master weights are what we read):
+`open_checkpoint(path)` is the one entry point of the tools: it checks the folder (the kind
+meta.json names, every file there, sizes and CRC-32) and returns a `Checkpoint` — a
+`CheckpointReader` for DeepSpeed's native files, or a `UniversalReader` for a layout-free one
+(universal.py: written by `reshard` and `from-hf`, one safetensors file per tensor and kind).
+
+A native checkpoint holds, per model-parallel rank (a (pp, tp) pair), DeepSpeed's files, in one
+of four forms (`bf16_` prefixes the optimizer files under bf16; the fp32 master weights are what
+we read):
 - ZeRO 1/2: flat fp32 partitions of weights and Adam moments, one file per DP rank, each
   parameter's fragment in `param_slice_mappings`;
 - ZeRO 3: per DP rank, flat partitions made of every parameter's ceil(numel/dp) slice in
@@ -17,22 +23,126 @@ Files are memory-mapped, so peak memory stays near one tensor's shards.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from megalite.checkpoint import store
 from megalite.checkpoint.store import CheckpointError
+from megalite.checkpoint.universal import (
+    FORMAT,
+    KINDS,
+    RESUME_KEYS,
+    is_universal,
+    saved_kinds,
+    tensor_file,
+)
 from megalite.config import ModelConfig
 from megalite.model.llama import Llama
 from megalite.parallel.parallelize import merge_shards
 from megalite.parallel.tp_layers import TPShard
 
-KINDS = ("param", "exp_avg", "exp_avg_sq")
+LAYOUT_FREE = "a layout-free checkpoint (written by reshard/from-hf)"
+
+
+class Checkpoint(Protocol):
+    """What the tools read from a checkpoint of either kind."""
+
+    path: Path
+    meta: dict[str, Any]
+    model: ModelConfig
+    description: str  # "a native tp=2 pp=1 dp=2 checkpoint", "a layout-free checkpoint (…)"
+    layout_free: bool
+    dp: int  # the data-parallel size it was saved (native) or written (layout-free) for
+    kinds: tuple[str, ...]  # of KINDS, those it holds
+
+    def names(self) -> list[str]: ...
+
+    def tensors(self, kind: str = "param") -> Iterator[tuple[str, torch.Tensor]]: ...
+
+    def step_count(self) -> int: ...
+
+    def resume_state(self) -> dict[str, Any]: ...
+
+
+def open_checkpoint(ckpt: str | Path) -> Checkpoint:
+    """The reader for checkpoint `ckpt` of either kind, its files checked first."""
+    path = Path(ckpt)
+    meta = verify_checkpoint(path)
+    reader = UniversalReader if is_universal(meta) else CheckpointReader
+    return reader(path, meta=meta)
+
+
+def describe(path: Path, meta: dict[str, Any]) -> str:
+    """The kind of checkpoint `meta` names, in words; refuses a kind this megalite cannot read."""
+    if is_universal(meta):
+        return LAYOUT_FREE
+    if "format" in meta:
+        raise CheckpointError(
+            f"{path}: meta.json names format {meta['format']!r}, which this megalite does not "
+            f"read: it reads native checkpoints (no format) and {FORMAT!r} (reshard/from-hf)"
+        )
+    layout = meta.get("layout") or {}
+    if not all(k in layout for k in ("tp", "pp", "dp")):
+        return "a native checkpoint"
+    return f"a native tp={layout['tp']} pp={layout['pp']} dp={layout['dp']} checkpoint"
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """meta.json after checking, in one process, that it names a kind this megalite reads and
+    that every file is there (a missing one named with the kind: which folder lacks what), then
+    sizes and CRC-32 (`store.verify`)."""
+    meta = _meta_json(path)
+    if meta is not None:  # else store.verify says what is wrong with meta.json
+        what = describe(path, meta)
+        missing = [rel for rel in _expected_files(meta) if not (path / rel).is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(
+                f"{path}: {what} is missing {_file_words(meta, missing[0])}{more}"
+            )
+    return store.verify(path)
+
+
+def _meta_json(path: Path) -> dict[str, Any] | None:
+    """meta.json as written, None where it is absent or unreadable (store.verify says so); one
+    that megalite did not write is refused."""
+    try:
+        meta = json.loads((path / store.META).read_text())
+    except (OSError, ValueError):
+        return None
+    lacking = [k for k in ("files", "model", "step") if not isinstance(meta, dict) or k not in meta]
+    if lacking:
+        raise CheckpointError(
+            f"{path}: its meta.json has no {', '.join(lacking)}: not a checkpoint megalite wrote "
+            "(expected a native one or a layout-free one)"
+        )
+    return meta
+
+
+def _expected_files(meta: dict[str, Any]) -> list[str]:
+    """The files meta.json records, and for a layout-free checkpoint every tensor file its
+    model and kinds call for (sorted, without duplicates)."""
+    files = set(meta["files"])
+    if is_universal(meta):
+        names = plain_names(ModelConfig(**meta["model"]))
+        files.update(tensor_file(n, kind) for kind in saved_kinds(meta) for n in names)
+    return sorted(files)
+
+
+def _file_words(meta: dict[str, Any], rel: str) -> str:
+    """How an error names file `rel` of a checkpoint with `meta`."""
+    return f"its tensor file {rel}" if is_universal(meta) and rel.startswith("tensors/") else rel
+
+
+def plain_names(model: ModelConfig) -> list[str]:
+    """The plain model's parameter names, in its order."""
+    return [name for name, _ in Llama(model, device="meta").named_parameters()]
 
 
 @dataclass(frozen=True)
@@ -45,11 +155,23 @@ class Local:
 
 
 class CheckpointReader:
-    def __init__(self, ckpt: str | Path) -> None:
+    """A native checkpoint: DeepSpeed's files of one tp × pp × dp layout (see the module doc)."""
+
+    layout_free = False
+    kinds = KINDS
+
+    def __init__(self, ckpt: str | Path, *, meta: dict[str, Any] | None = None) -> None:
+        """`meta`: as `verify_checkpoint` returned it (else checked here: every file's CRC-32,
+        since a tool reads them all)."""
         self.path = Path(ckpt)
-        self.meta = store.verify(self.path)  # every file's CRC-32: a tool reads them all
+        self.meta = meta if meta is not None else verify_checkpoint(self.path)
+        self.description = describe(self.path, self.meta)
+        if is_universal(self.meta):
+            raise CheckpointError(f"{self.path}: {LAYOUT_FREE}: read it with open_checkpoint")
         self.model = ModelConfig(**self.meta["model"])
         layout = self.meta["layout"]
+        if not all(k in layout for k in ("tp", "pp", "dp")):
+            raise CheckpointError(f"{self.path}: {self.description} without a tp/pp/dp layout")
         self.tp, self.pp, self.dp = layout["tp"], layout["pp"], layout["dp"]
         self.specs = {k: TPShard(**{**v, "names": tuple(v["names"])}) for k, v in
                       self.meta.get("tp_shards", {}).items()}  # fmt: skip
@@ -94,10 +216,7 @@ class CheckpointReader:
                     locs = index.setdefault(base, [])
                     if len(locs) < self.tp and all(loc.tp_rank != tp_rank for loc in locs):
                         locs.append(Local(pp_rank, tp_rank, module_name))
-        order = {
-            name: i
-            for i, (name, _) in enumerate(Llama(self.model, device="meta").named_parameters())
-        }
+        order = {name: i for i, name in enumerate(plain_names(self.model))}
         return dict(sorted(index.items(), key=lambda kv: order[kv[0]]))
 
     def names(self) -> list[str]:
@@ -115,7 +234,7 @@ class CheckpointReader:
         this process's resident set, so peak memory would grow to the checkpoint's size."""
         path = self.path / filename
         if not path.is_file():
-            raise CheckpointError(f"{self.path}: missing file {filename}")
+            raise CheckpointError(f"{self.path}: {self.description} is missing {filename}")
         try:
             return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         except Exception as e:  # a truncated zip, a garbled pickle
@@ -226,10 +345,22 @@ class CheckpointReader:
         state = optim.get("optimizer_state_dict", optim)["state"]
         return int(next(iter(state.values()))["step"]) if state else 0
 
+    def resume_state(self) -> dict[str, Any]:
+        """What a run resuming from this state needs besides the tensors (RESUME_KEYS): the
+        optimizer step, the LR schedule, DeepSpeed's counters, rank 0's data-stream position."""
+        rank0 = self._load(store.rank_file(0))
+        model_states = self._model_states(0, 0)
+        return {
+            "optimizer_step": self.step_count(),
+            "lr_scheduler": model_states.get("lr_scheduler"),
+            "global_steps": model_states.get("global_steps", self.meta["step"]),
+            "global_samples": model_states.get("global_samples", 0),
+            "rank_state": {k: v for k, v in rank0.items() if k != "rng"},
+        }
+
     def tensors(self, kind: str = "param") -> Iterator[tuple[str, torch.Tensor]]:
         """(plain name, full fp32 tensor) for every parameter, one at a time."""
-        if kind not in KINDS:
-            raise ValueError(f"kind {kind!r}: use one of {KINDS}")
+        _check_kind(kind)
         for base, locs in self._index.items():
             spec = self.specs.get(base)
             if spec is None:
@@ -249,3 +380,62 @@ def _span(flats: list[torch.Tensor], offset: int, numel: int) -> torch.Tensor:
             numel -= piece.numel()
         offset = max(0, offset - flat.numel())
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: use one of {KINDS}")
+
+
+class UniversalReader:
+    """A layout-free checkpoint (universal.py): every parameter's full fp32 weight and Adam
+    moments in a safetensors file of its own, read one tensor at a time."""
+
+    layout_free = True
+    description = LAYOUT_FREE
+
+    def __init__(self, ckpt: str | Path, *, meta: dict[str, Any] | None = None) -> None:
+        """`meta`: as `verify_checkpoint` returned it (else checked here)."""
+        self.path = Path(ckpt)
+        self.meta = meta if meta is not None else verify_checkpoint(self.path)
+        if not is_universal(self.meta):
+            raise CheckpointError(f"{self.path}: {describe(self.path, self.meta)}, not "
+                                  f"{LAYOUT_FREE}: read it with open_checkpoint")  # fmt: skip
+        self.model = ModelConfig(**self.meta["model"])
+        self.layout: dict[str, int] = dict(self.meta.get("layout") or {})  # the one written for
+        self.dp = int(self.layout.get("dp", 1))
+        self.kinds = saved_kinds(self.meta)
+
+    def names(self) -> list[str]:
+        """Every plain parameter name, in the plain model's order."""
+        return plain_names(self.model)
+
+    def tensors(self, kind: str = "param") -> Iterator[tuple[str, torch.Tensor]]:
+        """(plain name, full fp32 tensor) for every parameter, one at a time."""
+        _check_kind(kind)
+        if kind not in self.kinds:
+            raise CheckpointError(
+                f"{self.path}: {LAYOUT_FREE} of weights only (from-hf): it holds no {kind}"
+            )
+        for name in self.names():
+            yield name, self._read(tensor_file(name, kind))
+
+    def _read(self, rel: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self.path / rel
+        if not path.is_file():
+            raise CheckpointError(f"{self.path}: {LAYOUT_FREE} is missing its tensor file {rel}")
+        try:
+            return load_file(path)["t"]
+        except (SafetensorError, KeyError, OSError) as e:
+            raise CheckpointError(f"{self.path}: cannot read {rel}: {e}") from e
+
+    def step_count(self) -> int:
+        """The optimizer's step counter."""
+        return int(self.meta.get("optimizer_step", 0))
+
+    def resume_state(self) -> dict[str, Any]:
+        """RESUME_KEYS, as saved (see CheckpointReader.resume_state)."""
+        return {k: self.meta.get(k) for k in RESUME_KEYS}

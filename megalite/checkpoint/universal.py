@@ -1,33 +1,47 @@
 """Layout-free checkpoints: every parameter's full fp32 weight and Adam moments, by plain name.
 
-`write_universal` turns a checkpoint of any layout into one (tensor by tensor, through
-`CheckpointReader`); `load_universal` puts one into a freshly built engine of any layout: each
-rank cuts its TP shard from the full tensors (`local_shard`, the inverse of `merge_shards`) and
-DeepSpeed's fragment API places it in the ZeRO partition this DP rank owns. The data-stream
-position is DP-invariant (see data/stream.py), so one saved position serves every new rank.
+`write_universal` turns a checkpoint of any kind into one (tensor by tensor, through
+`reader.open_checkpoint`, which also reads these back); `load_universal` puts one into a freshly
+built engine of any layout: each rank cuts its TP shard from the full tensors (`local_shard`, the
+inverse of `merge_shards`) and DeepSpeed's fragment API places it in the ZeRO partition this DP
+rank owns. The data-stream position is DP-invariant (see data/stream.py), so one saved position
+serves every new rank.
 
 Folder: `meta.json` (format, step, tokens, model, target layout, optimizer step, LR scheduler and
-data-stream state, file sizes and CRC-32) and `tensors/<plain name>.<kind>.safetensors`.
+data-stream state, file sizes and CRC-32) and `tensors/<plain name>.<kind>.safetensors`. One that
+`from-hf` writes holds weights only (`optimizer_state: false`: no Adam moments, no LR schedule, no
+data position), plus the Hugging Face folder's tokenizer files and `model.yaml`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megalite.checkpoint import store, training
-from megalite.checkpoint.reader import KINDS, CheckpointReader
 from megalite.parallel.tp_layers import TPShard
 
+if TYPE_CHECKING:  # reader.py imports this module (the format) to read these checkpoints
+    from megalite.checkpoint.reader import Checkpoint
+
 FORMAT = "megalite-universal-1"
+KINDS = ("param", "exp_avg", "exp_avg_sq")  # a parameter's fp32 weight and Adam moments
+# What a layout-free checkpoint carries over for a run to resume with (see `resume_state`).
+RESUME_KEYS = ("optimizer_step", "lr_scheduler", "global_steps", "global_samples", "rank_state")
 
 
 def is_universal(meta: dict[str, Any]) -> bool:
     return meta.get("format") == FORMAT
+
+
+def saved_kinds(meta: dict[str, Any]) -> tuple[str, ...]:
+    """The kinds a layout-free checkpoint holds: all, or only weights (from-hf's)."""
+    return KINDS if meta.get("optimizer_state", True) else ("param",)
 
 
 def tensor_file(name: str, kind: str) -> str:
@@ -37,26 +51,41 @@ def tensor_file(name: str, kind: str) -> str:
 def write_universal(
     src: str | Path, dst: str | Path, *, layout: dict[str, int], progress: bool = True
 ) -> dict[str, Any]:
-    """Write `dst` (must not exist) from checkpoint `src`, for a run with `layout`."""
+    """Write `dst` (must not exist) from checkpoint `src` (native or layout-free), for a run with
+    `layout`: every kind `src` holds (weights only from a from-hf import), one tensor at a time."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    reader = CheckpointReader(src)
+    from megalite.checkpoint.reader import open_checkpoint
+
+    reader = open_checkpoint(src)
     dst = Path(dst)
     names = reader.names()
-    bar = tqdm(total=len(names) * len(KINDS), desc="reshard", unit="tensor", disable=not progress)
+    bar = tqdm(total=len(names) * len(reader.kinds), desc="reshard", unit="tensor",
+               disable=not progress)  # fmt: skip
     total = 0
     with store.staging(dst) as tmp:
         (tmp / "tensors").mkdir()
-        for kind in KINDS:
+        for kind in reader.kinds:
             for name, t in reader.tensors(kind):
                 save_file({"t": t.contiguous()}, tmp / tensor_file(name, kind))
                 total += t.numel() * t.element_size()
                 bar.update()
         bar.close()
+        _copy_extras(reader, tmp)
         meta = _universal_meta(reader, layout)
         write_meta(tmp, meta)
-    return {"tensors": len(names), "bytes": total, "dst": str(dst)}
+    return {"tensors": len(names), "kinds": reader.kinds, "bytes": total, "dst": str(dst)}
+
+
+def _copy_extras(reader: Checkpoint, folder: Path) -> None:
+    """A layout-free source's files besides its tensors (from-hf's `model.yaml` and tokenizer)."""
+    if not reader.layout_free:
+        return
+    for rel in store.list_files(reader.path):
+        if not rel.startswith("tensors/"):
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(reader.path / rel, folder / rel)
 
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
@@ -65,28 +94,23 @@ def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     (folder / store.META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
-def _universal_meta(reader: CheckpointReader, layout: dict[str, int]) -> dict[str, Any]:
+def _universal_meta(reader: Checkpoint, layout: dict[str, int]) -> dict[str, Any]:
     src = reader.meta
-    rank0 = torch.load(reader.path / store.rank_file(0), weights_only=False)
-    model_states = reader._model_states(0, 0)
+    # The run's (none for imported weights); from-hf's Hugging Face folder and EOS id.
+    keep = ("data_path", "config", "wandb_run_id", "zero_stage", "source", "eos_token_id")
     return {
         "format": FORMAT,
         "step": src["step"],
         "consumed_tokens": src["consumed_tokens"],
         "model": src["model"],
         "layout": layout,
-        "source_layout": src["layout"],
+        # The layout of the run that trained it (none for imported weights).
+        "source_layout": src.get("source_layout") if reader.layout_free else src["layout"],
+        **{k: src.get(k) for k in keep},
         "precision": src.get("precision", "fp32"),
-        "data_path": src.get("data_path"),
-        "config": src.get("config"),
-        "wandb_run_id": src.get("wandb_run_id"),
-        "optimizer_step": reader.step_count(),
-        "lr_scheduler": model_states.get("lr_scheduler"),
-        "global_steps": model_states.get("global_steps", src["step"]),
-        "global_samples": model_states.get("global_samples", 0),
-        "rank_state": {k: v for k, v in rank0.items() if k != "rng"},
+        "optimizer_state": reader.kinds == KINDS,
+        **reader.resume_state(),
         "tp_shards": {},
-        "zero_stage": src.get("zero_stage"),
     }
 
 
@@ -138,7 +162,7 @@ def load_universal(
         training.verify_shared(ckpt)
     meta = store.read_meta(ckpt)
     place = _placer(engine.optimizer, step=float(meta["optimizer_step"]))
-    kinds = KINDS if meta.get("optimizer_state", True) else ("param",)  # from-hf: weights only
+    kinds = saved_kinds(meta)  # from-hf: weights only
     for p in engine.module.parameters():
         shard: TPShard = getattr(p, "tp_shard", None) or TPShard("full", (p.plain_name,))
         shape = getattr(p, "ds_shape", p.shape)  # ZeRO 3 keeps only a partition in p

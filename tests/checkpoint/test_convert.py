@@ -9,6 +9,10 @@ any of them loads in `transformers` with megalite's logits.
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ from megalite.checkpoint.reader import CheckpointReader
 from megalite.checkpoint.store import CheckpointError
 from megalite.model.llama import Llama
 from tests.checkpoint.conftest import HALF, train
+from tests.helpers import ROOT
 
 LAYOUTS = {
     "1x1x1": ["parallel.dp=1", "parallel.zero_stage=0"],
@@ -116,3 +121,20 @@ def test_bad_inputs(checkpoints: dict[str, Path], tmp_path: Path, capsys) -> Non
     victim.write_bytes(victim.read_bytes()[:100])
     assert convert_main(["inspect", str(damaged)]) == 2
     assert f"file {victim.name} has 100 bytes" in capsys.readouterr().err
+
+
+def test_inspect_prints_no_deepspeed_noise(run_3d: Path) -> None:
+    """`tools/convert.py inspect` of a ZeRO checkpoint (reading it imports DeepSpeed) with
+    DS_ACCELERATOR unset: no DeepSpeed log line (its accelerator detection's) in the table."""
+    ckpt = run_3d / "checkpoints" / store.step_name(HALF)
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert.py"), "inspect", str(ckpt)],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "[WARNING]" not in done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("tensor "))
+    rows = lines[header + 1 : -1]  # then the total
+    assert rows and all(re.fullmatch(r"[\w.]+ +\([\d, ]*\) +[\d.]+", row) for row in rows)

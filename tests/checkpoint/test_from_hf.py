@@ -1,9 +1,11 @@
 """`from-hf`: a randomly initialised LlamaForCausalLM (built locally, nothing downloaded) becomes a
-megalite checkpoint whose model gives the HF model's logits, and that a TP run trains from."""
+megalite checkpoint whose model gives the HF model's logits, and that a TP run trains from; the
+other tools read it (and what `reshard` makes of it) like any checkpoint."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,6 +82,43 @@ def test_continue_pretraining_under_tp(sample_data: Path, tmp_path: Path) -> Non
     with torch.no_grad():
         want = cross_entropy(megalite_model(dst)(batch[:, :-1]), batch[:, 1:]).item()
     assert first_val == pytest.approx(want, rel=1e-5)
+
+
+def test_tools_read_an_imported_checkpoint(sample_data: Path, tmp_path: Path, capsys) -> None:
+    """inspect, to-hf and reshard of a from-hf checkpoint (weights only: no Adam moments, no
+    schedule), and of its reshard: to-hf gives back the Hugging Face weights exactly, with the
+    tokenizer and EOS id that from-hf kept."""
+    from safetensors.torch import load_file
+
+    hf_model(tmp_path / "hf", tied=True, kv=2)
+    shutil.copy(sample_data / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
+    want = load_file(tmp_path / "hf" / "model.safetensors")
+    imported, resharded = tmp_path / "ml", tmp_path / "resharded"
+    assert convert_main(["from-hf", "--src", str(tmp_path / "hf"), "--dst", str(imported),
+                         "--tp=2", "--quiet"]) == 0  # fmt: skip
+    assert convert_main(["reshard", "--src", str(imported), "--dst", str(resharded),
+                         "--tp=1", "--pp=2", "--quiet"]) == 0  # fmt: skip
+    assert "tensors   20 x (weights)\n" in capsys.readouterr().out
+    for ckpt in (imported, resharded):
+        assert convert_main(["inspect", str(ckpt)]) == 0
+        out = capsys.readouterr().out
+        assert (
+            f"layout       layout-free (resume in any layout), imported from {tmp_path / 'hf'}, "
+            "weights only (fresh optimizer)\n"
+        ) in out
+        assert "step         0   tokens 0" in out and "embed.weight" in out
+        hf_dir = tmp_path / f"{ckpt.name}-hf"
+        assert convert_main(["to-hf", "--src", str(ckpt), "--dst", str(hf_dir), "--quiet"]) == 0
+        got = load_file(hf_dir / "model.safetensors")
+        assert sorted(got) == sorted(want)  # tied: no lm_head.weight in either
+        assert all(torch.equal(got[n], want[n]) for n in want)
+        assert (hf_dir / "tokenizer.json").read_bytes() == (
+            tmp_path / "hf" / "tokenizer.json"
+        ).read_bytes()
+        assert json.loads((hf_dir / "config.json").read_text())["eos_token_id"] == 2
+    assert (resharded / "model.yaml").read_text() == (imported / "model.yaml").read_text()
+    meta = json.loads((resharded / "meta.json").read_text())
+    assert meta["optimizer_state"] is False and meta["layout"] == {"tp": 1, "pp": 2, "dp": 1}
 
 
 def test_unsupported_architecture(tmp_path: Path, capsys) -> None:

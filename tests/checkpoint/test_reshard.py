@@ -1,9 +1,12 @@
 """Resharding: train tp=2 × pp=2 × dp=2 (the shared `run_3d`, see conftest.py), reshard to another
 layout, resume: the losses are the uninterrupted run's (fp32, rel ≤ 1e-5), optimizer state and
-data position included. Resumed natively in its own layout, the 3D run goes on bit for bit."""
+data position included. Resumed natively in its own layout, the 3D run goes on bit for bit. The
+layout-free checkpoint `reshard` writes is read by every tool as its source is."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 
 from megalite.checkpoint import store
 from megalite.checkpoint.cli import main as convert_main
-from megalite.checkpoint.reader import KINDS, CheckpointReader
+from megalite.checkpoint.reader import KINDS, CheckpointReader, open_checkpoint
 from tests.checkpoint.conftest import HALF as N
 from tests.checkpoint.conftest import STEPS, THREE_D, train
 from tests.helpers import read_metrics, train_losses
@@ -23,6 +26,15 @@ run = train  # a run of the shared schedule (STEPS = 2N steps)
 def source(run_3d: Path) -> dict[str, Path]:
     """The 3D run and its checkpoint of step N."""
     return {"straight": run_3d, "ckpt": run_3d / "checkpoints" / store.step_name(N)}
+
+
+@pytest.fixture(scope="module")
+def resharded(source: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The step-N checkpoint resharded to tp = pp = dp = 1 (a layout-free checkpoint)."""
+    dst = tmp_path_factory.mktemp("resharded") / "u"
+    args = ["reshard", "--src", str(source["ckpt"]), "--dst", str(dst), "--quiet"]
+    assert convert_main([*args, "--tp=1", "--pp=1", "--dp=1"]) == 0
+    return dst
 
 
 def test_resume_in_the_same_layout_is_bit_identical(
@@ -44,14 +56,13 @@ def test_resume_in_the_same_layout_is_bit_identical(
     assert [r["val_loss"] for r in read_metrics(resumed) if "val_loss" in r][-1] == final_val
 
 
-def test_resume_on_new_layout(source: dict[str, Path], sample_data: Path, tmp_path: Path) -> None:
+def test_resume_on_new_layout(
+    source: dict[str, Path], resharded: Path, sample_data: Path, tmp_path: Path
+) -> None:
     """Resharded to one process (tp = pp = dp = 1, where every layout's shards meet); the other
     layouts are covered bit for bit by the round trip below."""
-    dst = tmp_path / "resharded"
-    args = ["reshard", "--src", str(source["ckpt"]), "--dst", str(dst), "--quiet"]
-    assert convert_main([*args, "--tp=1", "--pp=1", "--dp=1"]) == 0
     run(sample_data, tmp_path / "run", "parallel.dp=1", "parallel.zero_stage=1",
-        f"trainer.resume={dst}")  # fmt: skip
+        f"trainer.resume={resharded}")  # fmt: skip
     want, got = train_losses(source["straight"]), train_losses(tmp_path / "run")
     assert sorted(got) == list(range(N + 1, STEPS + 1))
     torch.testing.assert_close(
@@ -125,3 +136,71 @@ def test_reshard_refuses_impossible_layouts(
     assert convert_main([*args, "--tp=1", "--pp=8"]) == 2
     assert "exceeds model.n_layers" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """A `to-hf` folder's tensors (one safetensors file at this size)."""
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_tools_read_a_resharded_checkpoint(
+    source: dict[str, Path], resharded: Path, tmp_path: Path, capsys
+) -> None:
+    """inspect, verify, to-hf and reshard take the layout-free checkpoint as they take its
+    native source: the same tensors, the same Hugging Face export, and resharded again (to
+    another layout-free one) the same weights, moments and resume state."""
+    assert convert_main(["inspect", str(resharded)]) == 0
+    out = capsys.readouterr().out
+    assert "layout       layout-free (resume in any layout), resharded from tp=2 pp=2 dp=2" in out
+    assert "layers.3.mlp.w2.weight" in out and "head.weight" in out
+    assert convert_main(["verify", str(resharded)]) == 0
+    assert capsys.readouterr().out.endswith(
+        "a layout-free checkpoint (written by reshard/from-hf)\n"
+    )
+
+    for name, ckpt in (("native", source["ckpt"]), ("free", resharded)):
+        assert convert_main(["to-hf", "--src", str(ckpt), "--dst", str(tmp_path / name),
+                             "--quiet"]) == 0  # fmt: skip
+    want, got = hf_tensors(tmp_path / "native"), hf_tensors(tmp_path / "free")
+    assert list(got) == list(want)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert (tmp_path / "free" / "tokenizer.json").is_file()  # the run's, by its data path
+
+    again = tmp_path / "again"
+    args = ["reshard", "--src", str(resharded), "--dst", str(again), "--quiet", "--tp=2"]
+    assert convert_main([*args, "--pp=2"]) == 0
+    assert "layout    layout-free -> {'tp': 2, 'pp': 2, 'dp': 1}" in capsys.readouterr().out
+    first, second = CheckpointReader(source["ckpt"]), open_checkpoint(again)
+    assert second.layout_free and second.meta["layout"] == {"tp": 2, "pp": 2, "dp": 1}
+    assert second.resume_state() == open_checkpoint(resharded).resume_state()
+    assert second.step_count() == first.step_count() == N
+    for kind in KINDS:
+        got = dict(second.tensors(kind))
+        assert list(got) == first.names()
+        assert all(torch.equal(got[n], t) for n, t in first.tensors(kind)), kind
+
+
+def test_layout_free_damage_is_named(resharded: Path, tmp_path: Path, capsys) -> None:
+    """A tensor file missing (even from meta.json's list), or a kind this megalite does not know:
+    one line saying what kind of checkpoint it is and what it lacks."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(resharded, damaged)
+    rel = "tensors/layers.1.attn.wk.weight.exp_avg.safetensors"
+    (damaged / rel).unlink()
+    meta = json.loads((damaged / store.META).read_text())
+    del meta["files"][rel]  # not even listed: only the model's parameter list tells
+    (damaged / store.META).write_text(json.dumps(meta))
+    want = f"{damaged}: a layout-free checkpoint (written by reshard/from-hf) is missing its "
+    for command in (["inspect", str(damaged)], ["verify", str(damaged)],
+                    ["to-hf", "--src", str(damaged), "--dst", str(tmp_path / "hf")]):  # fmt: skip
+        assert convert_main(command) == 2
+        err = capsys.readouterr().err
+        assert err == f"megalite-convert: error: {want}tensor file {rel}\n", command
+    meta["format"] = "megalite-universal-99"
+    (damaged / store.META).write_text(json.dumps(meta))
+    assert convert_main(["inspect", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert "names format 'megalite-universal-99'" in err and "'megalite-universal-1'" in err
+    assert err.count("\n") == 1 and not (tmp_path / "hf").exists()
