@@ -374,10 +374,11 @@ def decode_shard(data: bytes, info: ShardInfo, *, dtype: str, name: str) -> list
     decoding, so a truncated or overwritten shard raises `DataError` naming it (`name`: its path
     or URL) instead of yielding wrong tokens or stalling a reader.
     """
-    if hashlib.sha256(data).hexdigest() != info.sha256:
+    found = hashlib.sha256(data).hexdigest()
+    if found != info.sha256:
         raise DataError(
-            f"shard {name} is corrupt ({len(data)} bytes, sha256 differs from the manifest): "
-            "prepare the data again"
+            f"shard {name} is corrupt ({len(data)} bytes, sha256 {found[:16]}…, the manifest's "
+            f"{info.sha256[:16]}…): restore the file or prepare the data again"
         )
     try:
         samples = _decode_tar(data, np.dtype(dtype))

@@ -127,12 +127,20 @@ def locate(spec: str, *, retry: Retry = DEFAULT_RETRY) -> Location:
 def read_shard_at(
     url: str, info: ShardInfo, *, dtype: str, retry: Retry = DEFAULT_RETRY
 ) -> list[np.ndarray]:
-    """The samples of the shard at `url` (path or URL), checked against `info`; retried."""
-    return with_retries(
-        lambda: decode_shard(read_bytes(url), info, dtype=dtype, name=url),
-        what=f"shard {url}",
-        retry=retry,
-    )
+    """The samples of the shard at `url` (path or URL), checked against `info`; retried.
+
+    A URL's bytes may be a partial download, so a mismatch is retried with the read; a local
+    file's bytes are what is on disk, so a mismatch (damage) fails at once, and only the read
+    itself (a network file system's hiccup) is retried."""
+    what = f"shard {url}"
+    if _URL.match(url):
+        return with_retries(
+            lambda: decode_shard(read_bytes(url), info, dtype=dtype, name=url),
+            what=what,
+            retry=retry,
+        )
+    data = with_retries(lambda: read_bytes(url), what=what, retry=retry)
+    return decode_shard(data, info, dtype=dtype, name=url)
 
 
 def read_bytes(url: str) -> bytes:
