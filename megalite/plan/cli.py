@@ -10,7 +10,8 @@ how long and at what cost, before a single GPU-hour is spent.
 Layout and model settings are given as flags or as Hydra-style key=value arguments (the short
 names above, or the training config's own: parallel.tp=2, trainer.micro_batch_size=2, ...).
 Every command prints a readable table, `--json` prints the same figures for scripts, and
-`--plot FILE.png` draws a picture. Bad input exits with status 2 and one line on stderr.
+`--plot [FILE.png]` draws a picture (default: `<command>.png` in the current folder). Bad input
+exits with status 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -97,7 +98,13 @@ def _apply_overrides(args: argparse.Namespace) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--plot", metavar="FILE.png", help="also draw a picture into FILE.png")
+    p.add_argument(
+        "--plot",
+        nargs="?",
+        const="",
+        metavar="FILE.png",
+        help="also draw a picture into FILE.png (default: <command>.png here)",
+    )
 
 
 def _law(p: argparse.ArgumentParser) -> None:
@@ -222,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*(getattr(args, "overrides", None) or []), *extra]
+    if getattr(args, "plot", None) == "":  # `--plot` alone
+        args.plot = f"{args.command}.png"
     try:
         _apply_overrides(args)
         out = args.run(args)

@@ -66,6 +66,20 @@ def memory_plot(
 ) -> None:
     """One stacked bar per entry of `parts` (name -> bytes), with the usable memory as a line."""
     plt = _pyplot()
+    fig = memory_figure(labels=labels, parts=parts, usable_bytes=usable_bytes, title=title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def memory_figure(
+    *,
+    labels: Sequence[str],
+    parts: Sequence[dict[str, float]],
+    usable_bytes: float,
+    title: str,
+):
+    """The figure of `memory_plot`, its legend beside the axes, never over a bar."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels) + 3), 4.5))
     bottoms = [0.0] * len(labels)
     names = list(parts[0])
@@ -76,8 +90,7 @@ def memory_plot(
     ax.axhline(usable_bytes / GIB, color="black", linestyle="--", label="usable")
     ax.set_ylabel("GiB per GPU")
     ax.set_title(title, fontsize="medium")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

@@ -223,3 +223,24 @@ assert "torch" not in sys.modules and "matplotlib" not in sys.modules
         timeout=60,
     )
     assert script_run.returncode == 0 and "params" in script_run.stdout
+
+
+def test_plot_without_a_name_writes_the_default(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run(capsys, "search model=7b --gpus 64 --gpu h100 --top 3 --plot")
+    assert rc == 0, err
+    assert (tmp_path / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "search.png" in out
+
+
+def test_memory_legend_covers_no_bar() -> None:
+    from megalite.plan.plots import memory_figure
+
+    parts = [{"weights": 40e9, "optimizer": 30e9, "activations": 60e9}] * 5
+    fig = memory_figure(labels=[f"layout {i}" for i in range(5)], parts=parts,
+                        usable_bytes=130e9, title="memory")  # fmt: skip
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    bars = [patch.get_window_extent() for patch in ax.patches]
+    assert bars and not any(legend.overlaps(bar) for bar in bars)
