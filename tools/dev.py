@@ -111,7 +111,7 @@ def demo(extra: list[str]) -> None:
 def test(extra: list[str]) -> None:
     run(python(), "-m", "ruff", "check", ".")
     run(python(), "-m", "ruff", "format", "--check", ".")
-    run(python(), "-m", "pytest", "-q", *extra)
+    run(python(), "-m", "pytest", "-q", "-rs", *extra)  # -rs: each skip's reason
 
 
 def main() -> None:

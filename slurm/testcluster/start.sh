@@ -55,7 +55,9 @@ ensure_packages() {
             missing+=("$p")
     done
     ((${#missing[@]} == 0)) && return 0
-    say "installing ${missing[*]} (apt-get, no recommends)"
+    command -v apt-get >/dev/null || die "needs apt-get to install ${missing[*]} (Debian's packages)"
+    say "installing Debian packages for a real single-node SLURM (megalite's SLURM tests):" \
+        "${missing[*]} (apt-get as root, no recommends; ~1 min)"
     export DEBIAN_FRONTEND=noninteractive
     if ! out=$(apt-get install -y --no-install-recommends "${missing[@]}" 2>&1); then
         if grep -Eq 'Unable to locate package|has no installation candidate|Failed to fetch' \

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,9 +40,28 @@ SLURM = [
 ]
 
 
+REQUIRE = "MEGALITE_REQUIRE_SLURM"  # set by .ci/run: a test cluster that cannot start fails
+
+
+def why_no_cluster() -> str | None:
+    """Why this machine cannot start the test cluster (start.sh needs root, and apt-get where
+    Debian's SLURM packages are missing), or None."""
+    if os.geteuid() != 0:
+        return "the test SLURM needs root (its daemons run as root); run as root or in CI"
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        return "the test SLURM needs Debian's slurm-wlm, munge and MariaDB, or apt-get for them"
+    return None
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, str]]:
-    """The test cluster's client environment; started here (and stopped after) unless it is up."""
+    """The test cluster's client environment; started here (and stopped after) unless it is up.
+    Skipped, saying why, where it cannot start (unless MEGALITE_REQUIRE_SLURM=1, as in CI)."""
+    why = why_no_cluster()
+    if why is not None:
+        if os.environ.get(REQUIRE) == "1":
+            pytest.fail(f"{REQUIRE}=1 but {why}")
+        pytest.skip(why)
     scripts = ROOT / "slurm/testcluster"
     out = subprocess.run(["bash", str(scripts / "start.sh")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -283,3 +303,15 @@ def test_requeue_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     dead = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]")
     assert slurm.peer_failed(dead)  # requeued: the dead rank was another's
     assert not slurm.peer_failed(RuntimeError("no CUDA device is visible"))  # this rank's own
+
+
+def test_without_root_or_apt_the_slurm_tests_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the skip (or, under MEGALITE_REQUIRE_SLURM=1, the failure) of the tests above says on
+    a machine that cannot start the test cluster."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert why_no_cluster() == (
+        "the test SLURM needs root (its daemons run as root); run as root or in CI"
+    )
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    assert "or apt-get for them" in why_no_cluster()
