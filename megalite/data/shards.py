@@ -12,8 +12,9 @@ A data source is named by one string, `data.path` or a mixture source's `path`:
 
 The manifest still says how many tokens each shard holds and its sha256, so planning reads no
 shard and every read is checked. A read that fails (the file is missing, the command exits
-non-zero, the bytes do not match the manifest) is retried with exponential backoff, then reported
-as a `DataError` naming the shard.
+non-zero, a URL's bytes do not match the manifest or its manifest does not parse: a partial
+download) is retried with exponential backoff, then reported as a `DataError` naming the shard. A
+local file whose bytes do not match is damaged, not flaky: it fails at once, naming both hashes.
 """
 
 from __future__ import annotations
@@ -101,10 +102,18 @@ def locate(spec: str, *, retry: Retry = DEFAULT_RETRY) -> Location:
         raise DataError(f"data pattern {spec!r} expands to no shard")
     first = _shard_span(urls[0], spec)
     manifest_url = _swap(urls[0], first, MANIFEST_NAME)
-    raw = with_retries(
-        lambda: read_bytes(manifest_url), what=f"manifest {manifest_url}", retry=retry
-    )
-    manifest = parse_manifest(raw, root=Path(manifest_url).parent, name=manifest_url)
+
+    def read() -> Manifest:
+        return parse_manifest(
+            read_bytes(manifest_url), root=Path(manifest_url).parent, name=manifest_url
+        )
+
+    what = f"manifest {manifest_url}"
+    if _URL.match(manifest_url):  # one that does not parse may be a partial download too
+        manifest = with_retries(read, what=what, retry=retry)
+    else:  # a local file that does not parse is damaged: only its read is retried
+        raw = with_retries(lambda: read_bytes(manifest_url), what=what, retry=retry)
+        manifest = parse_manifest(raw, root=Path(manifest_url).parent, name=manifest_url)
     by_path = {s.path: s for info in manifest.splits.values() for s in info.shards}
     train = []
     for url in urls:

@@ -21,6 +21,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from megalite.plan import scaling
 from megalite.plan.errors import PlanError
@@ -221,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plot_path(args: argparse.Namespace) -> None:
+    """Resolve `--plot`: alone it names `<command>.png` in the current folder, as `prepare_data
+    stats DIR --plot` names DIR/stats.png. A key=value argument right after it (`--plot model=7b`),
+    which argparse takes for its value, is put back among the settings."""
+    plot = getattr(args, "plot", None)
+    if plot is None:
+        return
+    key, sep, _ = plot.partition("=")
+    if sep and key.lstrip("+") in _KEYS:
+        args.overrides.append(plot)
+        plot = ""
+    args.plot = str(Path(plot or f"{args.command}.png").expanduser())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value arguments may sit between flags, which plain parse_args refuses.
@@ -229,14 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*(getattr(args, "overrides", None) or []), *extra]
-    if getattr(args, "plot", None) == "":  # `--plot` alone
-        args.plot = f"{args.command}.png"
+    _plot_path(args)
     try:
         _apply_overrides(args)
         out = args.run(args)
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "json", False) and args.plot:  # the table says it; stdout stays JSON
+        print(f"plot: {args.plot}", file=sys.stderr)
     try:
         print(out)
     except BrokenPipeError:  # e.g. piped into `head`

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from megalite.plan.gpus import GIB
 from megalite.plan.scaling import isoflop_curve
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _pyplot():
@@ -77,7 +81,7 @@ def memory_figure(
     parts: Sequence[dict[str, float]],
     usable_bytes: float,
     title: str,
-):
+) -> Figure:
     """The figure of `memory_plot`, its legend beside the axes, never over a bar."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels) + 3), 4.5))

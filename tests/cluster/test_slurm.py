@@ -41,27 +41,40 @@ SLURM = [
 
 
 REQUIRE = "MEGALITE_REQUIRE_SLURM"  # set by .ci/run: a test cluster that cannot start fails
+DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")  # what start.sh runs
 
 
 def why_no_cluster() -> str | None:
     """Why this machine cannot start the test cluster (start.sh needs root, and apt-get where
-    Debian's SLURM packages are missing), or None."""
+    one of its daemons is not installed), or None."""
     if os.geteuid() != 0:
         return "the test SLURM needs root (its daemons run as root); run as root or in CI"
-    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
-        return "the test SLURM needs Debian's slurm-wlm, munge and MariaDB, or apt-get for them"
+    sbin = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing = [d for d in DAEMONS if shutil.which(d, path=sbin) is None]
+    if missing and shutil.which("apt-get") is None:
+        return (
+            f"the test SLURM needs {' '.join(missing)} (Debian's slurm-wlm, munge and MariaDB), "
+            "or apt-get for them"
+        )
     return None
+
+
+def skip_unless_cluster_can_start() -> None:
+    """Skip the test, naming why, where the test cluster cannot start; fail instead under
+    MEGALITE_REQUIRE_SLURM=1 (CI), where a skip would hide that the SLURM tests did not run."""
+    why = why_no_cluster()
+    if why is None:
+        return
+    if os.environ.get(REQUIRE) == "1":
+        pytest.fail(f"{REQUIRE}=1 but {why}")
+    pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[dict[str, str]]:
     """The test cluster's client environment; started here (and stopped after) unless it is up.
     Skipped, saying why, where it cannot start (unless MEGALITE_REQUIRE_SLURM=1, as in CI)."""
-    why = why_no_cluster()
-    if why is not None:
-        if os.environ.get(REQUIRE) == "1":
-            pytest.fail(f"{REQUIRE}=1 but {why}")
-        pytest.skip(why)
+    skip_unless_cluster_can_start()
     scripts = ROOT / "slurm/testcluster"
     out = subprocess.run(["bash", str(scripts / "start.sh")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -306,12 +319,23 @@ def test_requeue_limit(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_without_root_or_apt_the_slurm_tests_say_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the skip (or, under MEGALITE_REQUIRE_SLURM=1, the failure) of the tests above says on
-    a machine that cannot start the test cluster."""
+    """On a machine that cannot start the test cluster the tests above are skipped with the
+    reason (shown by `pytest -rs`), and under MEGALITE_REQUIRE_SLURM=1 (CI) they fail with it."""
+    monkeypatch.delenv(REQUIRE, raising=False)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert why_no_cluster() == (
-        "the test SLURM needs root (its daemons run as root); run as root or in CI"
-    )
+    root = "the test SLURM needs root (its daemons run as root); run as root or in CI"
+    assert why_no_cluster() == root
+    with pytest.raises(pytest.skip.Exception, match=re.escape(root)):
+        skip_unless_cluster_can_start()
+    monkeypatch.setenv(REQUIRE, "1")
+    with pytest.raises(pytest.fail.Exception, match=re.escape(f"{REQUIRE}=1 but {root}")):
+        skip_unless_cluster_can_start()
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(shutil, "which", lambda _name: None)
-    assert "or apt-get for them" in why_no_cluster()
+    monkeypatch.setattr(
+        shutil, "which", lambda name, path=None: None if name in ("slurmd", "apt-get") else name
+    )
+    assert why_no_cluster() == (
+        "the test SLURM needs slurmd (Debian's slurm-wlm, munge and MariaDB), or apt-get for them"
+    )
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: None if name == "slurmd" else name)
+    assert why_no_cluster() is None  # start.sh installs it

@@ -235,11 +235,19 @@ def test_pattern_selects_a_subset_of_shards(small_data: Path) -> None:
         locate(f"pipe:cat {small_data}/train/data-{{0..2}}.tar")
 
 
-def test_flaky_reads_are_retried(small_data: Path, tmp_path: Path) -> None:
-    """A command that fails on its first call for each file: every read succeeds on a retry."""
+@pytest.mark.parametrize(
+    "first",
+    [
+        "exit 1",  # the command fails
+        'head -c 1000 "$1"; exit 0',  # a partial download: the sha256 differs, retried too
+    ],
+)
+def test_flaky_reads_are_retried(small_data: Path, tmp_path: Path, first: str) -> None:
+    """A command that fails, or gives part of the file, on its first call for each file: every
+    read succeeds on a retry."""
     script = tmp_path / "flaky.sh"
     script.write_text(
-        f'm={tmp_path}/$(echo "$1" | tr / _); [ -e "$m" ] || {{ touch "$m"; exit 1; }}; cat "$1"\n'
+        f'm={tmp_path}/$(echo "$1" | tr / _); [ -e "$m" ] || {{ touch "$m"; {first}; }}; cat "$1"\n'
     )
     n = len(list((small_data / "train").glob("shard-*.tar")))
     flaky = f"pipe:sh {script} {small_data}/train/shard-{{000000..{n - 1:06d}}}.tar"

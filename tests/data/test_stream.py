@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from megalite.data import shards as shards_module
 from megalite.data import source as source_module
 from megalite.data.manifest import DataError, load_manifest, read_shard
 from megalite.data.shards import Retry
@@ -259,22 +260,36 @@ def test_state_from_other_data_raises(small_data: Path, one_shard_data: Path) ->
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_damaged_shard_raises_naming_it(
-    tmp_path: Path, small_data: Path, damage: str, caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    small_data: Path,
+    damage: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A local shard whose bytes differ from the manifest is damaged, not flaky: one read, no
-    retry (no "retrying" warning), the error naming it once."""
+    """A local shard whose bytes differ from the manifest is damaged, not flaky: read once, no
+    retry (no "retrying" warning), one error naming it with the manifest's and the found sha256."""
     root = Path(shutil.copytree(small_data, tmp_path / "data"))
-    victim = load_manifest(root).shards("train")[2]
+    manifest = load_manifest(root)
+    victim, info = manifest.shards("train")[2], manifest.split("train").shards[2]
     data = victim.read_bytes()
     if damage == "truncate":
         victim.write_bytes(data[: len(data) // 2])
     else:
         victim.write_bytes(data[:600] + b"\xde\xad\xbe\xef" * 100 + data[1000:])
+    reads: Counter[str] = Counter()
+    read_bytes = shards_module.read_bytes
+    monkeypatch.setattr(
+        shards_module, "read_bytes", lambda url: reads.update([url]) or read_bytes(url)
+    )
     stream = make(root, shuffle=False, retry=Retry(attempts=3, delay_s=0.0))
     with pytest.raises(DataError, match=re.escape(str(victim))) as e:
         take(stream, 10_000)
+    assert reads[str(victim)] == 1
     assert "attempt" not in str(e.value) and "retrying" not in caplog.text
+    found = hashlib.sha256(victim.read_bytes()).hexdigest()
     assert str(e.value).startswith(f"shard {victim} is corrupt")
+    assert found[:16] in str(e.value) and info.sha256[:16] in str(e.value)
+    assert "restore the file or prepare the data again" in str(e.value)
 
 
 @pytest.mark.parametrize("cut", ["half", "header", "garbage"])

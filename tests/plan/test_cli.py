@@ -226,14 +226,27 @@ assert "torch" not in sys.modules and "matplotlib" not in sys.modules
 
 
 def test_plot_without_a_name_writes_the_default(capsys, tmp_path, monkeypatch) -> None:
+    """`--plot` alone writes <command>.png here and says so: after the table, on stderr with
+    --json, and also when a key=value setting follows it (argparse would take it for the name)."""
     monkeypatch.chdir(tmp_path)
-    rc, out, err = run(capsys, "search model=7b --gpus 64 --gpu h100 --top 3 --plot")
-    assert rc == 0, err
-    assert (tmp_path / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "search.png" in out
+    for command in (
+        "search model=7b --gpus 64 --gpu h100 --top 3 --plot",
+        "search --plot model=7b --gpus 64 --gpu h100 --top 3",
+    ):
+        rc, out, err = run(capsys, command)
+        assert rc == 0, err
+        assert out.splitlines()[-1] == "plot: search.png"
+        assert (tmp_path / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        (tmp_path / "search.png").unlink()
+    rc, out, err = run(capsys, "chinchilla --compute 1e21 --plot --json")
+    assert rc == 0 and json.loads(out)["params"] > 0
+    assert err == "plot: chinchilla.png\n" and (tmp_path / "chinchilla.png").exists()
 
 
 def test_memory_legend_covers_no_bar() -> None:
+    """Bars as tall as the axes everywhere: a legend inside them would cover one."""
+    import matplotlib.pyplot as plt
+
     from megalite.plan.plots import memory_figure
 
     parts = [{"weights": 40e9, "optimizer": 30e9, "activations": 60e9}] * 5
@@ -243,4 +256,5 @@ def test_memory_legend_covers_no_bar() -> None:
     ax = fig.axes[0]
     legend = ax.get_legend().get_window_extent()
     bars = [patch.get_window_extent() for patch in ax.patches]
+    plt.close(fig)
     assert bars and not any(legend.overlaps(bar) for bar in bars)
