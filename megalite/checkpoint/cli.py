@@ -13,7 +13,6 @@ tp/pp/dp, ZeRO 0-3, fp32 or bf16) and layout-free (reshard's and from-hf's); see
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -174,20 +173,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def quiet_deepspeed() -> None:
-    """Name DeepSpeed's accelerator before anything imports DeepSpeed (reading a ZeRO
-    checkpoint unpickles its classes), when the environment does not: its auto-detection, which
-    finds no GPU here, logs "Setting accelerator to CPU" to stdout, into inspect's table. The
-    tools use no device; "cuda" where there is one is what the detection would pick."""
-    if "DS_ACCELERATOR" not in os.environ:
-        import torch
-
-        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from megalite.cluster.env import name_deepspeed_accelerator
+
     args = parser().parse_args(argv)
-    quiet_deepspeed()
+    name_deepspeed_accelerator()  # before a ZeRO checkpoint's unpickling imports DeepSpeed
     try:
         args.run(args)
     except CheckpointError as e:

@@ -37,8 +37,10 @@ from megalite.checkpoint.store import CheckpointError
 from megalite.checkpoint.universal import (
     FORMAT,
     KINDS,
+    LAYOUT_FREE,
     RESUME_KEYS,
     is_universal,
+    read_tensor,
     saved_kinds,
     tensor_file,
 )
@@ -46,8 +48,6 @@ from megalite.config import ModelConfig
 from megalite.model.llama import Llama
 from megalite.parallel.parallelize import merge_shards
 from megalite.parallel.tp_layers import TPShard
-
-LAYOUT_FREE = "a layout-free checkpoint (written by reshard/from-hf)"
 
 
 class Checkpoint(Protocol):
@@ -418,19 +418,7 @@ class UniversalReader:
                 f"{self.path}: {LAYOUT_FREE} of weights only (from-hf): it holds no {kind}"
             )
         for name in self.names():
-            yield name, self._read(tensor_file(name, kind))
-
-    def _read(self, rel: str) -> torch.Tensor:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        path = self.path / rel
-        if not path.is_file():
-            raise CheckpointError(f"{self.path}: {LAYOUT_FREE} is missing its tensor file {rel}")
-        try:
-            return load_file(path)["t"]
-        except (SafetensorError, KeyError, OSError) as e:
-            raise CheckpointError(f"{self.path}: cannot read {rel}: {e}") from e
+            yield name, read_tensor(self.path, name, kind)
 
     def step_count(self) -> int:
         """The optimizer's step counter."""

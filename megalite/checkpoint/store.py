@@ -301,16 +301,20 @@ def lineage(root: Path) -> list[Path]:
 
 def resume_candidates(root: Path) -> list[Path]:
     """`trainer.resume=auto`: the `lineage` whose files are all there at their recorded sizes,
-    newest first; each one left out is logged with the reason. The ranks then load the first
-    whose checksums verify (Trainer.resume_newest)."""
-    found = []
+    newest first (empty: none was committed); each one left out is logged with the reason, and
+    when every one is, the newest's problem is raised. The ranks then load the first whose
+    checksums verify (Trainer.resume_newest)."""
+    found, problems = [], []
     for ckpt in lineage(root):
         try:
             read_meta(ckpt)
         except CheckpointError as e:
             log.warning("trainer.resume=auto: skipping damaged checkpoint %s", e)
+            problems.append(e)
             continue
         found.append(ckpt)
+    if problems and not found:
+        raise problems[0]
     return found
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # reader.py imports this module (the format) to read these ch
     from megalite.checkpoint.reader import Checkpoint
 
 FORMAT = "megalite-universal-1"
+LAYOUT_FREE = "a layout-free checkpoint (written by reshard/from-hf)"
 KINDS = ("param", "exp_avg", "exp_avg_sq")  # a parameter's fp32 weight and Adam moments
 # What a layout-free checkpoint carries over for a run to resume with (see `resume_state`).
 RESUME_KEYS = ("optimizer_step", "lr_scheduler", "global_steps", "global_samples", "rank_state")
@@ -147,10 +148,19 @@ def local_shard(full: dict[str, torch.Tensor], shard: TPShard, *, tp: int, tp_ra
     raise ValueError(f"unknown shard kind {shard.kind!r}")
 
 
-def _read(ckpt: Path, name: str, kind: str) -> torch.Tensor:
+def read_tensor(ckpt: Path, name: str, kind: str) -> torch.Tensor:
+    """One full tensor of layout-free checkpoint `ckpt`; a missing or unreadable file is a
+    CheckpointError naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(ckpt / tensor_file(name, kind))["t"]
+    rel = tensor_file(name, kind)
+    if not (ckpt / rel).is_file():
+        raise store.CheckpointError(f"{ckpt}: {LAYOUT_FREE} is missing its tensor file {rel}")
+    try:
+        return load_file(ckpt / rel)["t"]
+    except (SafetensorError, KeyError, OSError) as e:
+        raise store.CheckpointError(f"{ckpt}: cannot read {rel}: {e}") from e
 
 
 def load_universal(
@@ -171,7 +181,7 @@ def load_universal(
             if kind not in kinds:
                 values[kind] = torch.zeros(shape, dtype=torch.float32)
                 continue
-            full = {n: _read(ckpt, n, kind) for n in shard.names}
+            full = {n: read_tensor(ckpt, n, kind) for n in shard.names}
             values[kind] = local_shard(full, shard, tp=tp, tp_rank=tp_rank).reshape(shape)
         place(p, values)
     if hasattr(engine.optimizer, "fp32_partitioned_groups_flat"):  # ZeRO 3: module ← fp32

@@ -81,6 +81,13 @@ def pick_device(requested: str, *, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def name_deepspeed_accelerator() -> None:
+    """Name DeepSpeed's accelerator (cuda where a GPU is visible, else cpu) unless the
+    environment does, before DeepSpeed is first imported: its own detection logs "Setting
+    accelerator to CPU" to stdout, into a tool's output."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def backend_of(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 

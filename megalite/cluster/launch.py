@@ -67,18 +67,19 @@ def check_overrides(argv: list[str]) -> None:
         overrides = OverridesParser.create().parse_overrides(args)
     except OverrideParseException as e:
         raise ConfigError(f"{str(e).splitlines()[0]} (quote values with spaces)") from None
+    groups = _groups()
     for override in overrides:
         key = override.key_or_group
         if override.type == OverrideType.DEL or key.split(".")[0] == "hydra":
             continue
-        if key in _groups():
+        if key in groups:
             choices = (
                 list(override.sweep_string_iterator())
                 if override.is_sweep_override()
                 else [override.get_value_element_as_str()]
             )
             for choice in choices:
-                _check_option(key, choice)
+                _check_option(key, choice, groups[key])
         else:
             _check_key(key)
 
@@ -92,8 +93,7 @@ def _groups() -> dict[str, list[str]]:
     }
 
 
-def _check_option(group: str, choice: str) -> None:
-    options = _groups()[group]
+def _check_option(group: str, choice: str, options: list[str]) -> None:
     if choice not in options:
         raise ConfigError(
             f"{group}={choice}: no such option{_did_you_mean(choice, options)}; "
@@ -197,9 +197,6 @@ def resolve_resume(cfg: Config, run_dir: Path) -> list[Path]:
     resume = cfg.trainer.resume
     if resume == "auto":
         found = store.resume_candidates(run_dir / "checkpoints")
-        chain = store.lineage(run_dir / "checkpoints")
-        if chain and not found:  # every one damaged: stop on the newest's problem
-            store.read_meta(chain[0])
     elif resume:
         found = [store.resolve(resume, run_dir=run_dir)]
     else:

@@ -102,18 +102,12 @@ def locate(spec: str, *, retry: Retry = DEFAULT_RETRY) -> Location:
         raise DataError(f"data pattern {spec!r} expands to no shard")
     first = _shard_span(urls[0], spec)
     manifest_url = _swap(urls[0], first, MANIFEST_NAME)
-
-    def read() -> Manifest:
-        return parse_manifest(
-            read_bytes(manifest_url), root=Path(manifest_url).parent, name=manifest_url
-        )
-
-    what = f"manifest {manifest_url}"
-    if _URL.match(manifest_url):  # one that does not parse may be a partial download too
-        manifest = with_retries(read, what=what, retry=retry)
-    else:  # a local file that does not parse is damaged: only its read is retried
-        raw = with_retries(lambda: read_bytes(manifest_url), what=what, retry=retry)
-        manifest = parse_manifest(raw, root=Path(manifest_url).parent, name=manifest_url)
+    manifest = read_checked(
+        manifest_url,
+        lambda raw: parse_manifest(raw, root=Path(manifest_url).parent, name=manifest_url),
+        what=f"manifest {manifest_url}",
+        retry=retry,
+    )
     by_path = {s.path: s for info in manifest.splits.values() for s in info.shards}
     train = []
     for url in urls:
@@ -136,20 +130,23 @@ def locate(spec: str, *, retry: Retry = DEFAULT_RETRY) -> Location:
 def read_shard_at(
     url: str, info: ShardInfo, *, dtype: str, retry: Retry = DEFAULT_RETRY
 ) -> list[np.ndarray]:
-    """The samples of the shard at `url` (path or URL), checked against `info`; retried.
+    """The samples of the shard at `url` (path or URL), checked against `info`; retried."""
+    return read_checked(
+        url,
+        lambda data: decode_shard(data, info, dtype=dtype, name=url),
+        what=f"shard {url}",
+        retry=retry,
+    )
 
-    A URL's bytes may be a partial download, so a mismatch is retried with the read; a local
-    file's bytes are what is on disk, so a mismatch (damage) fails at once, and only the read
-    itself (a network file system's hiccup) is retried."""
-    what = f"shard {url}"
+
+def read_checked(url: str, check: Callable[[bytes], T], *, what: str, retry: Retry) -> T:
+    """`check` of the bytes at `url`. A URL's bytes may be a partial download, so a failed check
+    is retried with the read; a local file's bytes are what is on disk, so a failed check
+    (damage) raises at once, and only the read itself (a network file system's hiccup) is
+    retried."""
     if _URL.match(url):
-        return with_retries(
-            lambda: decode_shard(read_bytes(url), info, dtype=dtype, name=url),
-            what=what,
-            retry=retry,
-        )
-    data = with_retries(lambda: read_bytes(url), what=what, retry=retry)
-    return decode_shard(data, info, dtype=dtype, name=url)
+        return with_retries(lambda: check(read_bytes(url)), what=what, retry=retry)
+    return check(with_retries(lambda: read_bytes(url), what=what, retry=retry))
 
 
 def read_bytes(url: str) -> bytes:

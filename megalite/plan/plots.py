@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from megalite.plan.gpus import GIB
 from megalite.plan.scaling import isoflop_curve
@@ -60,17 +60,10 @@ def isoflop_plot(
     plt.close(fig)
 
 
-def memory_plot(
-    path: str,
-    *,
-    labels: Sequence[str],
-    parts: Sequence[dict[str, float]],
-    usable_bytes: float,
-    title: str,
-) -> None:
-    """One stacked bar per entry of `parts` (name -> bytes), with the usable memory as a line."""
+def memory_plot(path: str, **figure: Any) -> None:
+    """`memory_figure(**figure)` saved to `path`."""
     plt = _pyplot()
-    fig = memory_figure(labels=labels, parts=parts, usable_bytes=usable_bytes, title=title)
+    fig = memory_figure(**figure)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -82,7 +75,8 @@ def memory_figure(
     usable_bytes: float,
     title: str,
 ) -> Figure:
-    """The figure of `memory_plot`, its legend beside the axes, never over a bar."""
+    """One stacked bar per entry of `parts` (name -> bytes), with the usable memory as a line;
+    the legend beside the axes, never over a bar."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(labels) + 3), 4.5))
     bottoms = [0.0] * len(labels)

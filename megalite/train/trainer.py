@@ -166,12 +166,13 @@ class Trainer:
                     raise
                 log.warning("trainer.resume=auto: skipping damaged checkpoint %s", e)
                 continue
-            self.resume(ckpt, verified=True)
+            self.resume(ckpt, verify=False)
             return
 
-    def resume(self, ckpt: Path, *, verified: bool = False) -> None:
+    def resume(self, ckpt: Path, *, verify: bool = True) -> None:
+        """Restore the training state of `ckpt`, its files verified first unless the caller just
+        did (`resume_newest`). Collective."""
         layout_free = universal.is_universal(store.read_meta(ckpt))  # by `convert.py reshard`
-        verify = not verified
         if layout_free:
             state = universal.load_universal(
                 self.engine, ckpt, tp=self.dims.tp, tp_rank=self.dims.tp_rank, verify=verify

@@ -30,6 +30,7 @@ from megalite.cluster.env import (
     from_environ,
     init_process_group,
     join_deepspeed,
+    name_deepspeed_accelerator,
     pick_device,
     release_distributed,
 )
@@ -100,9 +101,11 @@ def deepspeed_prints_to_log() -> Iterator[None]:
     """DeepSpeed `print`s as it sets up (its pipeline's seed settings, topology and stage
     listing): into this rank's log file, not the console."""
     stream = _LinesToLog(logging.getLogger(DEEPSPEED_PRINTS))
-    with redirect_stdout(stream):
-        yield
-    stream.flush()
+    try:
+        with redirect_stdout(stream):
+            yield
+    finally:
+        stream.flush()
 
 
 def quiet_known_warnings() -> None:
@@ -168,7 +171,7 @@ def run_worker(cfg: Config, run_dir: str, resume_from: Sequence[str] = ()) -> di
     if env is None:
         raise RuntimeError("run_worker needs RANK/WORLD_SIZE (torchrun) or SLURM_PROCID (srun)")
     run_path = Path(run_dir)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    name_deepspeed_accelerator()
     setup_logging(run_path, global_rank=env.global_rank, level=cfg.logging.level)
     quiet_known_warnings()
     startup = StartupWatchdog(

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from megalite.checkpoint.cli import main as convert_main
-from megalite.checkpoint.universal import _read
+from megalite.checkpoint.universal import read_tensor
 from megalite.cluster.launch import launch
 from megalite.config import ModelConfig
 from megalite.data.stream import TokenStream
@@ -41,7 +41,7 @@ def megalite_model(dst: Path) -> Llama:
     )
     model = Llama(cfg)
     names = [n for n, _ in model.named_parameters()]
-    model.load_state_dict({n: _read(dst, n, "param") for n in names}, strict=False)
+    model.load_state_dict({n: read_tensor(dst, n, "param") for n in names}, strict=False)
     return model.eval()
 
 
