@@ -16,7 +16,7 @@ we read):
 - ZeRO 0, bf16: DeepSpeed's unfused mixed-precision optimizer, whose `fp32_groups` hold the master
   weights in the optimizer's parameter order.
 This module undoes all three cuts — DP partitions (concatenate the fragments), TP shards
-(`merge_shards`, driven by the shard specs in meta.json) and pipeline stages (module names such as
+(`TPShard.merge`, driven by the shard specs in meta.json) and pipeline stages (module names such as
 `3.attn.wq.weight` back to `layers.2.attn.wq.weight`) — and yields one plain tensor at a time.
 Files are memory-mapped, so peak memory stays near one tensor's shards.
 """
@@ -46,8 +46,7 @@ from megalite.checkpoint.universal import (
 )
 from megalite.config import ModelConfig
 from megalite.model.llama import Llama
-from megalite.parallel.parallelize import merge_shards
-from megalite.parallel.tp_layers import TPShard
+from megalite.parallel.placement import TPShard
 
 
 class Checkpoint(Protocol):
@@ -367,7 +366,7 @@ class CheckpointReader:
                 yield base, self._local(locs[0], kind).clone()
                 continue
             parts = [self._local(loc, kind) for loc in sorted(locs, key=lambda x: x.tp_rank)]
-            yield from merge_shards(parts, spec).items()
+            yield from spec.merge(parts).items()
 
 
 def _span(flats: list[torch.Tensor], offset: int, numel: int) -> torch.Tensor:

@@ -2,10 +2,10 @@
 
 `write_universal` turns a checkpoint of any kind into one (tensor by tensor, through
 `reader.open_checkpoint`, which also reads these back); `load_universal` puts one into a freshly
-built engine of any layout: each rank cuts its TP shard from the full tensors (`local_shard`, the
-inverse of `merge_shards`) and DeepSpeed's fragment API places it in the ZeRO partition this DP
-rank owns. The data-stream position is DP-invariant (see data/stream.py), so one saved position
-serves every new rank.
+built engine of any layout: each rank reads only its TP shard's slices of the full tensors
+(`read_shard`, as `placement.TPShard` cuts them) and DeepSpeed's fragment API places it in the
+ZeRO partition this DP rank owns. The data-stream position is DP-invariant (see
+data/stream.py), so one saved position serves every new rank.
 
 Folder: `meta.json` (format, step, tokens, model, target layout, optimizer step, LR scheduler and
 data-stream state, file sizes and CRC-32) and `tensors/<plain name>.<kind>.safetensors`. One that
@@ -16,15 +16,19 @@ data position), plus the Hugging Face folder's tokenizer files and `model.yaml`.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megalite.checkpoint import store, training
-from megalite.parallel.tp_layers import TPShard
+from megalite.parallel.placement import Piece, TPShard, shard_of
+
+log = logging.getLogger("megalite")
 
 if TYPE_CHECKING:  # reader.py imports this module (the format) to read these checkpoints
     from megalite.checkpoint.reader import Checkpoint
@@ -118,47 +122,47 @@ def _universal_meta(reader: Checkpoint, layout: dict[str, int]) -> dict[str, Any
 # ---- loading into an engine --------------------------------------------------------------
 
 
-def local_shard(full: dict[str, torch.Tensor], shard: TPShard, *, tp: int, tp_rank: int):
-    """This TP rank's slice of the full tensor(s) `shard.names` (the inverse of merge_shards)."""
-
-    def part(n: int) -> slice:
-        return slice(tp_rank * n // tp, (tp_rank + 1) * n // tp)
-
-    t = full[shard.names[0]]
-    if shard.kind == "full":
-        return t
-    if shard.kind == "rows":
-        return t[part(t.shape[0])]
-    if shard.kind == "cols":
-        return t[:, part(t.shape[1])]
-    if shard.kind == "vocab":
-        padded = -(-t.shape[0] // tp) * tp
-        t = torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])])
-        return t[part(padded)]
-    if shard.kind == "kv":
-        if shard.replicas == 1:
-            return t[part(t.shape[0])]
-        heads = tp // shard.replicas
-        head = tp_rank // shard.replicas
-        rows = t.shape[0] // heads
-        return t[head * rows : (head + 1) * rows]
-    if shard.kind == "gate_up":
-        up = full[shard.names[1]]
-        return torch.cat([t[part(t.shape[0])], up[part(up.shape[0])]])
-    raise ValueError(f"unknown shard kind {shard.kind!r}")
-
-
 def read_tensor(ckpt: Path, name: str, kind: str) -> torch.Tensor:
     """One full tensor of layout-free checkpoint `ckpt`; a missing or unreadable file is a
     CheckpointError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    with _opened(ckpt, name, kind) as t:
+        return t[:]
+
+
+def read_shard(
+    ckpt: Path, shard: TPShard, kind: str, *, tp: int, rank: int
+) -> tuple[torch.Tensor, int]:
+    """TP rank `rank`'s shard of one parameter of layout-free checkpoint `ckpt`, reading only its
+    pieces of the full tensors (safetensors slices of the memory-mapped files); also returns the
+    bytes read."""
+    with ExitStack() as stack:
+        sliced = {n: stack.enter_context(_opened(ckpt, n, kind)) for n in shard.names}
+        shapes = {n: tuple(t.get_shape()) for n, t in sliced.items()}
+        read = 0
+
+        def fill(piece: Piece, region: torch.Tensor) -> None:
+            nonlocal read
+            span = slice(piece.start, piece.start + piece.real_size)
+            t = sliced[piece.name][span] if piece.axis == 0 else sliced[piece.name][:, span]
+            region.copy_(t)
+            read += t.numel() * t.element_size()
+
+        out = torch.empty(shard.shape(shapes, tp=tp, rank=rank), dtype=torch.float32)
+        extents = {n: shape[shard.axis] for n, shape in shapes.items()}
+        return shard.assemble(out, fill, extents, tp=tp, rank=rank), read
+
+
+@contextmanager
+def _opened(ckpt: Path, name: str, kind: str) -> Iterator[Any]:
+    """The safetensors slice of one tensor file; errors name the file."""
+    from safetensors import SafetensorError, safe_open
 
     rel = tensor_file(name, kind)
     if not (ckpt / rel).is_file():
         raise store.CheckpointError(f"{ckpt}: {LAYOUT_FREE} is missing its tensor file {rel}")
     try:
-        return load_file(ckpt / rel)["t"]
+        with safe_open(ckpt / rel, framework="pt") as f:
+            yield f.get_slice("t")
     except (SafetensorError, KeyError, OSError) as e:
         raise store.CheckpointError(f"{ckpt}: cannot read {rel}: {e}") from e
 
@@ -173,17 +177,20 @@ def load_universal(
     meta = store.read_meta(ckpt)
     place = _placer(engine.optimizer, step=float(meta["optimizer_step"]))
     kinds = saved_kinds(meta)  # from-hf: weights only
+    read = 0
     for p in engine.module.parameters():
-        shard: TPShard = getattr(p, "tp_shard", None) or TPShard("full", (p.plain_name,))
+        shard = shard_of(p)
         shape = getattr(p, "ds_shape", p.shape)  # ZeRO 3 keeps only a partition in p
         values = {}
         for kind in KINDS:
             if kind not in kinds:
                 values[kind] = torch.zeros(shape, dtype=torch.float32)
                 continue
-            full = {n: read_tensor(ckpt, n, kind) for n in shard.names}
-            values[kind] = local_shard(full, shard, tp=tp, tp_rank=tp_rank).reshape(shape)
+            values[kind], n = read_shard(ckpt, shard, kind, tp=tp, rank=tp_rank)
+            values[kind] = values[kind].reshape(shape)
+            read += n
         place(p, values)
+    log.info("layout-free resume: read %d bytes of %s (this rank's slices)", read, ckpt)
     if hasattr(engine.optimizer, "fp32_partitioned_groups_flat"):  # ZeRO 3: module ← fp32
         for group in range(len(engine.optimizer.fp16_groups)):
             engine.optimizer._reassign_or_swap_out_partitioned_parameters(group)

@@ -13,7 +13,6 @@ from `layers` is self-contained, yet the tables exist once.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -32,9 +31,6 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
-
-    def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)  # (..., dim)
@@ -92,11 +88,6 @@ class Attention(nn.Module):
         # The attention core, a swappable function (selective activation checkpointing wraps it).
         self.core: Callable[..., torch.Tensor] = ops.attention
 
-    def init_weights(self, *, std: float, out_std: float) -> None:
-        for linear in (self.wq, self.wk, self.wv):
-            nn.init.normal_(linear.weight, mean=0.0, std=std)
-        nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape  # (b, s, dim)
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_heads, s, hd)
@@ -117,11 +108,6 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
-    def init_weights(self, *, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w1.weight, mean=0.0, std=std)
-        nn.init.normal_(self.w3.weight, mean=0.0, std=std)
-        nn.init.normal_(self.w2.weight, mean=0.0, std=out_std)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = ops.swiglu(self.w1(x), self.w3(x))  # (b, s, ffn_dim)
         return self.w2(gate)  # (b, s, dim)
@@ -137,13 +123,6 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def init_weights(self, *, std: float, out_std: float) -> None:
-        """Draws in a fixed order: wq, wk, wv, wo, w1, w3, w2 (norms draw nothing)."""
-        self.attn_norm.init_weights()
-        self.attn.init_weights(std=std, out_std=out_std)
-        self.mlp_norm.init_weights()
-        self.mlp.init_weights(std=std, out_std=out_std)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x + self.attn(self.attn_norm(x))  # (b, s, dim)
         return h + self.mlp(self.mlp_norm(h))  # (b, s, dim)
@@ -152,14 +131,16 @@ class TransformerBlock(nn.Module):
 class Llama(nn.Module):
     """The decoder: `embed`, `layers` (a flat ModuleList of TransformerBlock), `norm`, `head`.
 
-    Construction allocates on meta and then materialises with `to_empty` on `device` (default:
-    torch's current default device, so building under `with torch.device("meta")` stays free), and
-    finally calls `init_weights()`. The modules' own default initialisers therefore never draw
-    from the RNG and `init_weights` is the only consumer: the same seed gives the same weights
-    whether the model is built directly or on meta, then `to_empty()` + `init_weights()`.
+    Construction allocates on meta, then (unless `device` is meta) materialises on `device`
+    (default: torch's current default device) and fills every parameter from `seed` by
+    `megalite.model.init`: each unit of each weight has its own generator, so a rank that builds
+    only its shard (`megalite.parallel.build`) draws exactly these values. The global RNG is never
+    touched.
     """
 
-    def __init__(self, cfg: ModelConfig, *, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, seed: int = 0, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         with torch.device("meta"):
@@ -172,31 +153,32 @@ class Llama(nn.Module):
             )
             self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
             self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.to_empty(device=torch.get_default_device() if device is None else device)
-        self.init_weights()
+        self._tie()
+        device = torch.get_default_device() if device is None else torch.device(device)
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights(seed)
 
     def _tie(self) -> None:
         if self.cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Fill every parameter and buffer; draws from torch's global RNG in a fixed order.
+    def init_weights(self, seed: int) -> None:
+        """Fill every parameter from `seed` (see `megalite.model.init`) and the rotary tables.
+        Re-ties the head to the embedding (`to_empty` breaks the tie)."""
+        from megalite.model.init import draw_into, init_rules
 
-        Linear and embedding weights ~ N(0, init_std); the residual-stream outputs (wo, w2) use
-        init_std / sqrt(2 * n_layers) so the residual's variance stays bounded with depth; norm
-        gains are 1. Re-ties the head to the embedding (`to_empty` breaks the tie).
-        """
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
         self._tie()
         self.rope.init_tables()
-        nn.init.normal_(self.embed.weight, mean=0.0, std=std)
-        for layer in self.layers:
-            layer.init_weights(std=std, out_std=out_std)
-        self.norm.init_weights()
-        if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.head.weight, mean=0.0, std=std)
+        rules = init_rules(self.cfg, seed)
+        for name, p in self.named_parameters():
+            if p.device.type == "cpu" and p.dtype == torch.float32:
+                draw_into(p, rules[name], 0)
+            else:
+                full = torch.empty(p.shape, dtype=torch.float32)
+                draw_into(full, rules[name], 0)
+                p.copy_(full)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (b, s) int64 -> logits (b, s, vocab_size) in the parameters' dtype."""

@@ -21,12 +21,13 @@ from megalite.train.schedule import build_scheduler
 
 
 def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (linear and embedding weights); never norms' gains or biases (ndim < 2)."""
+    """Decay matrices (linear and embedding weights); never norms' gains or biases (ndim < 2).
+    A ZeRO-3 parameter is judged by its full shape (`ds_shape`; its data is a flat partition)."""
     decay, no_decay = [], []
     for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

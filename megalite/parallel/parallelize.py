@@ -1,7 +1,8 @@
 """Apply tensor parallelism to a plain `Llama`, in place: the one place the model meets ranks.
 
-The model is built whole with the run's seed (so every rank holds the same full tensors, exactly
-the unsharded model's initialisation) and each rank keeps its slices:
+Applied to a model on the meta device (`parallel.build`, which then draws only this rank's
+values), or to a built one (whose full tensors are cut; tests and tools). Each rank keeps its
+slices, as `placement.TPShard` cuts them:
 
 - attention: q heads split over TP; kv heads split too, or, when there are fewer kv heads than
   ranks (tp % n_kv_heads == 0), kv head `tp_rank // (tp / n_kv_heads)` replicated on each group of
@@ -26,6 +27,7 @@ from torch import nn
 
 from megalite.model.llama import Llama, TransformerBlock, cross_entropy
 from megalite.parallel.dims import ParallelDims
+from megalite.parallel.placement import TPShard
 from megalite.parallel.tensor import (
     copy_to_tp,
     gather_seq,
@@ -37,7 +39,6 @@ from megalite.parallel.tp_layers import (
     ParallelSwiGLU,
     SequenceParallelRMSNorm,
     ShardedLinear,
-    TPShard,
     VocabParallelEmbedding,
     mark,
 )
@@ -69,16 +70,10 @@ class TPPlan:
     def kv_replicas(self) -> int:
         return max(1, self.tp // self.n_kv_heads)
 
-    def kv_rows(self) -> slice:
-        """Rows of wk/wv (kv heads × head_dim) this rank holds."""
-        if self.kv_replicas > 1:
-            head = self.tp_rank // self.kv_replicas
-            return slice(head * self.head_dim, (head + 1) * self.head_dim)
-        return _part(self.n_kv_heads * self.head_dim, self.tp, self.tp_rank)
-
-
-def _part(n: int, tp: int, rank: int) -> slice:
-    return slice(rank * n // tp, (rank + 1) * n // tp)
+    def cut(self, shard: TPShard, *full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of the full tensor(s) `full` (in `shard.names` order), a new tensor."""
+        named = dict(zip(shard.names, full, strict=True))
+        return shard.cut(named, tp=self.tp, rank=self.tp_rank)
 
 
 def kv_replica_groups(dims: ParallelDims, replicas: int) -> dist.ProcessGroup | None:
@@ -113,11 +108,8 @@ def apply_tp(model: Llama, dims: ParallelDims, *, sequence_parallel: bool) -> Lo
         ffn_dim=cfg.ffn_dim,
     )
     group = dims.group("tp")
-    kv_group = kv_replica_groups(dims, plan.kv_replicas)
-    with torch.no_grad():
-        _shard_vocab(model, plan, group, sequence_parallel)
-        for i, layer in enumerate(model.layers):
-            _shard_block(layer, f"layers.{i}", plan, kv_group)
+    cut_model(model, plan, group=group, kv_group=kv_replica_groups(dims, plan.kv_replicas),
+              sequence_parallel=sequence_parallel)  # fmt: skip
     entry, exit_ = region_collectives(sequence_parallel)
     for layer in model.layers:
         _region(layer.attn, group, entry, exit_)
@@ -135,6 +127,22 @@ def apply_tp(model: Llama, dims: ParallelDims, *, sequence_parallel: bool) -> Lo
         )
 
     return loss
+
+
+@torch.no_grad()
+def cut_model(
+    model: Llama,
+    plan: TPPlan,
+    *,
+    group: dist.ProcessGroup | None,
+    kv_group: dist.ProcessGroup | None,
+    sequence_parallel: bool,
+) -> None:
+    """Replace the model's embedding, head and block projections with this rank's shards (no
+    hooks, no collectives: `apply_tp` adds those); on meta it allocates nothing."""
+    _shard_vocab(model, plan, group, sequence_parallel)
+    for i, layer in enumerate(model.layers):
+        _shard_block(layer, f"layers.{i}", plan, kv_group)
 
 
 def region_collectives(sequence_parallel: bool) -> tuple[Callable, Callable]:
@@ -164,49 +172,42 @@ def _region(module: nn.Module, group, entry, exit_) -> None:
 
 
 def _shard_vocab(model: Llama, plan: TPPlan, group, sequence_parallel: bool) -> None:
-    rows = _part(plan.padded_vocab, plan.tp, plan.tp_rank)
     shard = TPShard("vocab", ("embed.weight",), full_rows=plan.vocab_size)
-    embed = _pad_rows(model.embed.weight, plan.padded_vocab)[rows].clone()
     model.embed = VocabParallelEmbedding(
-        embed, vocab_start=plan.vocab_start, group=group, sequence_parallel=sequence_parallel
+        plan.cut(shard, model.embed.weight),
+        vocab_start=plan.vocab_start,
+        group=group,
+        sequence_parallel=sequence_parallel,
     )
-    mark(model.embed.weight, shard)
+    mark(model.embed, shard)
     if model.cfg.tie_embeddings:
-        model.head = ShardedLinear(torch.empty(0, 0))
+        model.head = ShardedLinear(torch.empty(0, 0, device="meta"))
         model.head.weight = model.embed.weight
     else:
-        head = _pad_rows(model.head.weight, plan.padded_vocab)[rows].clone()
-        model.head = ShardedLinear(head)
-        mark(model.head.weight, TPShard("vocab", ("head.weight",), full_rows=plan.vocab_size))
+        shard = TPShard("vocab", ("head.weight",), full_rows=plan.vocab_size)
+        model.head = ShardedLinear(plan.cut(shard, model.head.weight))
+        mark(model.head, shard)
 
 
 def _shard_block(layer: TransformerBlock, prefix: str, plan: TPPlan, kv_group) -> None:
     attn, mlp = layer.attn, layer.mlp
-    q_rows = _part(plan.n_heads * plan.head_dim, plan.tp, plan.tp_rank)
-    attn.wq = ShardedLinear(attn.wq.weight[q_rows].clone())
-    mark(attn.wq.weight, TPShard("rows", (f"{prefix}.attn.wq.weight",)))
-    kv = plan.kv_rows()
+    shard = TPShard("rows", (f"{prefix}.attn.wq.weight",))
+    attn.wq = mark(ShardedLinear(plan.cut(shard, attn.wq.weight)), shard)
     first_replica = plan.tp_rank % plan.kv_replicas == 0
     for name in ("wk", "wv"):
-        lin = ShardedLinear(getattr(attn, name).weight[kv].clone(), grad_group=kv_group)
         shard = TPShard("kv", (f"{prefix}.attn.{name}.weight",), replicas=plan.kv_replicas)
-        mark(lin.weight, shard, counted=first_replica)  # a replicated kv head counts once
-        setattr(attn, name, lin)
-    attn.wo = ShardedLinear(attn.wo.weight[:, q_rows].clone())
-    mark(attn.wo.weight, TPShard("cols", (f"{prefix}.attn.wo.weight",)))
-    f = _part(plan.ffn_dim, plan.tp, plan.tp_rank)
-    w13 = torch.cat([mlp.w1.weight[f], mlp.w3.weight[f]])  # (2 ffn / tp, dim)
-    layer.mlp = ParallelSwiGLU(w13, mlp.w2.weight[:, f].clone())
-    names = (f"{prefix}.mlp.w1.weight", f"{prefix}.mlp.w3.weight")
-    mark(layer.mlp.w13.weight, TPShard("gate_up", names))
-    mark(layer.mlp.w2.weight, TPShard("cols", (f"{prefix}.mlp.w2.weight",)))
-
-
-def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    if weight.shape[0] == rows:
-        return weight
-    pad = weight.new_zeros(rows - weight.shape[0], *weight.shape[1:])
-    return torch.cat([weight, pad])  # (rows, ...)
+        lin = ShardedLinear(plan.cut(shard, getattr(attn, name).weight), grad_group=kv_group)
+        # A replicated kv head counts once in the gradient norm.
+        setattr(attn, name, mark(lin, shard, counted=first_replica))
+    shard = TPShard("cols", (f"{prefix}.attn.wo.weight",))
+    attn.wo = mark(ShardedLinear(plan.cut(shard, attn.wo.weight)), shard)
+    gate_up = TPShard("gate_up", (f"{prefix}.mlp.w1.weight", f"{prefix}.mlp.w3.weight"))
+    down = TPShard("cols", (f"{prefix}.mlp.w2.weight",))
+    layer.mlp = ParallelSwiGLU(
+        plan.cut(gate_up, mlp.w1.weight, mlp.w3.weight), plan.cut(down, mlp.w2.weight)
+    )
+    mark(layer.mlp.w13, gate_up)
+    mark(layer.mlp.w2, down)
 
 
 def tag_plain_names(model: Llama) -> None:
@@ -251,24 +252,5 @@ def _gather(model: nn.Module, group, *, grads: bool) -> dict[str, torch.Tensor]:
             continue
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, t.contiguous(), group=group)
-        out.update(merge_shards(parts, shard))
+        out.update(shard.merge(parts))
     return out
-
-
-def merge_shards(parts: list[torch.Tensor], shard: TPShard) -> dict[str, torch.Tensor]:
-    """The full tensor(s), by plain name, of one parameter's shards from TP ranks 0..tp-1."""
-    if shard.kind == "cols":
-        return {shard.names[0]: torch.cat(parts, dim=1)}
-    if shard.kind == "rows":
-        return {shard.names[0]: torch.cat(parts)}
-    if shard.kind == "vocab":
-        return {shard.names[0]: torch.cat(parts)[: shard.full_rows]}
-    if shard.kind == "kv":
-        return {shard.names[0]: torch.cat(parts[:: shard.replicas])}
-    if shard.kind == "gate_up":
-        halves = [p.chunk(2) for p in parts]
-        return {
-            shard.names[0]: torch.cat([h[0] for h in halves]),
-            shard.names[1]: torch.cat([h[1] for h in halves]),
-        }
-    raise ValueError(f"unknown shard kind {shard.kind!r}")

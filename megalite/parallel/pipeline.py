@@ -8,12 +8,15 @@ rule (the first stages take one block more).
 With tied embeddings the head is a `TiedLayerSpec` of the embedding: DeepSpeed keeps one copy on
 the first and one on the last stage, and sums their gradients every step.
 
-Every rank built the whole model with the run's seed, so each stage starts from exactly the
-unsharded model's weights.
+The model reaches here on the meta device: `stage_bounds` finds this stage's layers by
+DeepSpeed's own partition rule, `parallel.build` materialises only those, and the other stages'
+layers stay on meta in DeepSpeed's layer list (no memory). `build_pipeline` checks that DeepSpeed
+chose the same bounds.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -59,22 +62,58 @@ def stage_layers(model: Llama, *, head_entry: Callable[[torch.Tensor], torch.Ten
     return [first, *model.layers, model.norm, last]
 
 
+def layer_module(entry: object) -> nn.Module | None:
+    """The module a pipeline layer entry holds (a module, or a layer spec of `Prebuilt`)."""
+    from deepspeed.pipe import LayerSpec
+
+    if isinstance(entry, LayerSpec):
+        return entry.module_args[0]
+    return entry if isinstance(entry, nn.Module) else None
+
+
+def stage_bounds(layers: list, *, pp: int, stage: int, partition: str) -> tuple[int, int]:
+    """[start, stop) of `stage`'s layers in `layers`, by DeepSpeed's partition rule (weights per
+    layer, balanced by `deepspeed.runtime.utils.partition_balanced`), computed on meta."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    method = PARTITION_METHODS[partition]
+    modules = [layer_module(entry) for entry in layers]
+    if method == "parameters":
+        weights = [
+            sum(p.numel() for p in m.parameters() if p.requires_grad) if m is not None else 0
+            for m in modules
+        ]
+    else:  # "type:<class name>"
+        pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
+        weights = [int(m is not None and bool(pattern.search(type(m).__name__))) for m in modules]
+    parts = partition_balanced(weights=weights, num_parts=pp)
+    return parts[stage], parts[stage + 1]
+
+
 def build_pipeline(
-    model: Llama,
+    layers: list,
     dims: ParallelDims,
     *,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    head_entry: Callable[[torch.Tensor], torch.Tensor],
     partition: str,
+    bounds: tuple[int, int],
 ) -> nn.Module:
-    """A `deepspeed.pipe.PipelineModule` holding this rank's stage."""
+    """A `deepspeed.pipe.PipelineModule` holding this rank's stage: `layers[bounds[0]:bounds[1]]`,
+    already materialised."""
     from deepspeed.runtime.pipe.module import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
-    return PipelineModule(
-        layers=stage_layers(model, head_entry=head_entry),
+    pipe = PipelineModule(
+        layers=layers,
         topology=topology,
         loss_fn=loss_fn,
         partition_method=PARTITION_METHODS[partition],
     )
+    chosen = (pipe.parts[dims.pp_rank], pipe.parts[dims.pp_rank + 1])
+    if chosen != tuple(bounds):
+        raise RuntimeError(
+            f"DeepSpeed put layers {chosen} on pipeline stage {dims.pp_rank}, megalite built "
+            f"{tuple(bounds)}: this DeepSpeed partitions differently; pin deepspeed==0.19.8"
+        )
+    return pipe

@@ -10,8 +10,6 @@ entry/exit pair wraps the whole region, so q, k and v share one all-reduce (or a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -19,6 +17,7 @@ from torch import nn
 
 from megalite.model import ops
 from megalite.model.llama import RMSNorm
+from megalite.parallel.placement import TPShard
 from megalite.parallel.tensor import (
     reduce_from_tp,
     reduce_scatter_seq,
@@ -27,26 +26,12 @@ from megalite.parallel.tensor import (
 )
 
 
-@dataclass(frozen=True)
-class TPShard:
-    """How a parameter's full tensor maps to this rank's shard.
-
-    kind: "rows" (dim 0 split evenly), "cols" (dim 1 split), "vocab" (dim 0 of the vocabulary
-    padded to a multiple of tp, `full_rows` real rows), "gate_up" (rows: this rank's gate slice then
-    its up slice, of two full tensors `names`), "kv" (dim 0 split over kv heads, each kv slice
-    held by `replicas` neighbouring TP ranks when there are fewer kv heads than ranks).
-    """
-
-    kind: str
-    names: tuple[str, ...]  # the plain model's parameter name(s) this shard belongs to
-    full_rows: int = 0
-    replicas: int = 1
-
-
-def mark(param: nn.Parameter, shard: TPShard, *, counted: bool = True) -> nn.Parameter:
-    param.tp_shard = shard
-    param.tensor_model_parallel = counted
-    return param
+def mark(layer: nn.Module, shard: TPShard, *, counted: bool = True) -> nn.Module:
+    """Record on `layer.weight` how it is cut (`tp_shard`) and whether DeepSpeed counts it in
+    the gradient norm on every TP rank (`tensor_model_parallel`)."""
+    layer.weight.tp_shard = shard
+    layer.weight.tensor_model_parallel = counted
+    return layer
 
 
 class ShardedLinear(nn.Linear):

@@ -39,6 +39,7 @@ from megalite.parallel.parallelize import LossFn, shard_specs
 from megalite.train import metrics
 from megalite.train.anomaly import LossGuard
 from megalite.train.logbook import Logbook, format_line, log_file
+from megalite.train.memory_check import MemoryCheck
 from megalite.train.watchdog import HangWatchdog
 
 log = logging.getLogger("megalite")
@@ -86,9 +87,11 @@ class Trainer:
         logbook: Logbook,
         loss_fn: LossFn = cross_entropy,
         stop: StopRequest | None = None,
+        memory_check: MemoryCheck | None = None,
     ) -> None:
         self.cfg = cfg
         self.stop = stop
+        self.memory_check = memory_check  # the plan beside the measured peak, after one step
         self.loss_fn = loss_fn
         self.engine = engine
         self.scheduler = scheduler
@@ -386,6 +389,12 @@ class Trainer:
         finally:
             watchdog.close()
 
+    def _check_memory(self) -> None:
+        if self.memory_check is not None:
+            record = self.memory_check.after_step(self.step)
+            if record is not None:
+                self.logbook.write(record)
+
     def _loop(self, last: int, watchdog: HangWatchdog) -> dict[str, Any]:
         t = self.cfg.trainer
         window: list[dict[str, float]] = []
@@ -395,6 +404,7 @@ class Trainer:
             self._skip_bad_batch()
             try:
                 window.append(self.train_step())
+                self._check_memory()
             except Anomaly as bad:
                 if t.anomaly != "skip":
                     self._on_anomaly(bad)  # a rollback continues from the checkpoint's step

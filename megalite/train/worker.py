@@ -1,7 +1,8 @@
 """What every training process runs: join the job, build model and engine, resume, train.
 
-The order is the one readable sequence of the design: ParallelDims → plain model → (parallelism
-applied in megalite/parallel) → DeepSpeed engine → data stream → loop.
+The order is the one readable sequence of the design: ParallelDims → this rank's part of the
+model (megalite/parallel/build: the plain model on meta, parallelism applied, the local shard
+drawn) → DeepSpeed engine → data stream → loop.
 """
 
 from __future__ import annotations
@@ -38,13 +39,11 @@ from megalite.cluster.local import local_child
 from megalite.cluster.signals import StopRequest
 from megalite.config import Config, data_sources
 from megalite.model import ops
-from megalite.model.llama import Llama
-from megalite.parallel.checkpointing import apply_ac
+from megalite.parallel.build import build_model
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine, effective_zero_stage
-from megalite.parallel.parallelize import LossFn, apply_tp, head_entry, tag_plain_names
-from megalite.parallel.pipeline import bubble_fraction, build_pipeline
 from megalite.train.logbook import Logbook, log_file
+from megalite.train.memory_check import MemoryCheck
 from megalite.train.trainer import Trainer
 from megalite.train.watchdog import StartupWatchdog
 
@@ -119,47 +118,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def compile_blocks(model: Llama) -> None:
-    """`trainer.compile`: torch.compile each transformer block in place, after TP and activation
-    checkpointing are applied (their hooks and wrappers compile with it). Block by block keeps each
-    graph small, lets pipeline stages cut between blocks, and compiles one block shape once."""
-    for block in model.layers:
-        block.compile()
-    log.info("torch.compile: each of the %d transformer blocks", len(model.layers))
-
-
-def build_model(cfg: Config, dims: ParallelDims) -> tuple[torch.nn.Module, LossFn]:
-    """The plain model, then each parallelism applied to it in turn: TP, activation
-    checkpointing, pipeline stages. Returns this rank's module and its loss function."""
-    p = cfg.parallel
-    seed_everything(cfg.trainer.seed)  # the same full initial weights on every rank
-    model = Llama(cfg.model)
-    loss_fn = apply_tp(model, dims, sequence_parallel=p.sequence_parallel)
-    tag_plain_names(model)
-    apply_ac(model, p.activation_checkpointing)
-    if cfg.trainer.compile:
-        compile_blocks(model)
-    if p.pp == 1:
-        return model, loss_fn
-    m = cfg.grad_accum_steps
-    log.info(
-        "pipeline: %d stages, %d micro-batches per step, partition %s; expected bubble "
-        "(p-1)/(m+p-1) = %.1f%%",
-        p.pp,
-        m,
-        p.pipeline_partition,
-        100 * bubble_fraction(pp=p.pp, micro_batches=m),
-    )
-    pipe = build_pipeline(
-        model,
-        dims,
-        loss_fn=loss_fn,
-        head_entry=head_entry(dims, sequence_parallel=p.sequence_parallel),
-        partition=p.pipeline_partition,
-    )
-    return pipe, loss_fn
-
-
 def run_worker(cfg: Config, run_dir: str, resume_from: Sequence[str] = ()) -> dict[str, Any]:
     """Train in this process as one rank of the job described by the environment.
 
@@ -203,13 +161,16 @@ def _train(
     p = cfg.parallel
     dims = ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, global_rank=env.global_rank)
     peers = "the other ranks (a collective of the set-up)"
+    memory = MemoryCheck(cfg, stage=dims.pp_rank, device=device)  # its baseline: before the build
+    memory.log_plan()
     with startup.phase("model build", waits_for=peers), deepspeed_prints_to_log():
         dims.build_groups()
         ops.configure(cfg.kernels.backend, attention=cfg.kernels.attention)
         _log_layout(cfg, dims, device)
-        module, loss_fn = build_model(cfg, dims)
+        seed_everything(cfg.trainer.seed)
+        module, loss_fn = build_model(cfg, dims, device, init=not resume_from)
     with startup.phase("engine", waits_for=peers), deepspeed_prints_to_log():
-        engine, scheduler = build_engine(module.to(device), cfg, dims)
+        engine, scheduler = build_engine(module, cfg, dims)
     meta = store.read_meta(resume_from[0]) if resume_from else {}
     logbook = Logbook(
         run_dir,
@@ -240,6 +201,7 @@ def _train(
                 logbook=logbook,
                 loss_fn=loss_fn,
                 stop=stop,
+                memory_check=memory,
             )
         if resume_from:
             reading = f"reading {', '.join(map(str, resume_from))} (or a slower peer)"
@@ -248,6 +210,7 @@ def _train(
         startup.close()
         return trainer.fit()
     finally:
+        memory.close()
         logbook.close()
 
 

@@ -5,6 +5,7 @@ other tools read it (and what `reshard` makes of it) like any checkpoint."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,12 @@ def test_continue_pretraining_under_tp(sample_data: Path, tmp_path: Path) -> Non
     with torch.no_grad():
         want = cross_entropy(megalite_model(dst)(batch[:, :-1]), batch[:, 1:]).item()
     assert first_val == pytest.approx(want, rel=1e-5)
+    # Each TP rank read only its slices of the full tensors: its own parameters' bytes.
+    plain = sum(4 * p.numel() for p in megalite_model(dst).parameters())
+    for rank in range(2):
+        log = (run_dir / "logs" / f"rank_{rank:05d}.log").read_text()
+        read = int(re.search(r"layout-free resume: read (\d+) bytes", log)[1])
+        assert read == pytest.approx(plain / 2, rel=0.01), (rank, read, plain)
 
 
 def test_tools_read_an_imported_checkpoint(sample_data: Path, tmp_path: Path, capsys) -> None:

@@ -25,8 +25,7 @@ def small(**overrides: object) -> ModelConfig:
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> Llama:
-    torch.manual_seed(seed)
-    return Llama(cfg)
+    return Llama(cfg, seed=seed)
 
 
 def tokens(cfg: ModelConfig, b: int = 2, s: int = 16, seed: int = 1) -> torch.Tensor:
@@ -101,12 +100,11 @@ def test_same_seed_same_weights() -> None:
 def test_meta_then_to_empty_equals_direct_init(tie: bool) -> None:
     cfg = small(tie_embeddings=tie)
     direct = build(cfg, seed=5)
-    torch.manual_seed(5)
     with torch.device("meta"):
-        lazy = Llama(cfg)
+        lazy = Llama(cfg, seed=5)
     assert lazy.embed.weight.is_meta
     lazy.to_empty(device="cpu")
-    lazy.init_weights()
+    lazy.init_weights(5)
     assert (lazy.head.weight is lazy.embed.weight) == tie
     assert direct.state_dict().keys() == lazy.state_dict().keys()
     for name, p in direct.state_dict().items():

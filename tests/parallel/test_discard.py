@@ -44,8 +44,8 @@ def _step(engine, loss_fn, vocab: int, *, skip: bool) -> None:
 
 
 def _rank_world(rank: int, world: int, out_dir: str) -> None:
+    from megalite.parallel.build import build_model
     from megalite.parallel.engine import build_engine
-    from megalite.train.worker import build_model
     from tests.helpers import compose_config
 
     dims = deepspeed_dp_rank(rank, world)
@@ -56,7 +56,7 @@ def _rank_world(rank: int, world: int, out_dir: str) -> None:
                               "trainer.micro_batch_size=1", "trainer.global_batch_size=4",
                               "optim.warmup_steps=0", "logging.wandb.mode=disabled"])  # fmt: skip
         torch.manual_seed(rank)
-        model, loss_fn = build_model(cfg, dims)
+        model, loss_fn = build_model(cfg, dims, torch.device("cpu"))
         engine, scheduler = build_engine(model, cfg, dims)
 
         vocab = cfg.model.vocab_size

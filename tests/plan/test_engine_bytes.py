@@ -41,8 +41,8 @@ MASTER_HOLDERS = (
 
 def _rank_world(rank: int, world: int, out_dir: str) -> None:
     """Build an engine per case on this rank, measure it, and save the figures for the test."""
+    from megalite.parallel.build import build_model
     from megalite.parallel.engine import build_engine
-    from megalite.train.worker import build_model
     from tests.helpers import compose_config
 
     dims = deepspeed_dp_rank(rank, world)
@@ -60,7 +60,7 @@ def _rank_world(rank: int, world: int, out_dir: str) -> None:
                 "logging.wandb.mode=disabled",
             ]
         )
-        model, loss_fn = build_model(cfg, dims)
+        model, loss_fn = build_model(cfg, dims, torch.device("cpu"))
         engine, _ = build_engine(model, cfg, dims)
         opt = engine.optimizer
         params = list(engine.module.parameters())

@@ -38,8 +38,14 @@ def test_demo_trains(tmp_path: Path) -> None:
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0] - 1.0
     assert vals[-1] < vals[0] - 1.0
+    first = next(r for r in records if "loss" in r)
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gib"):
-        assert key in records[1], key
+        assert key in first, key
+    # The planner's memory for the run beside the measured peak, after the first step.
+    memory = [r for r in records if "memory_planned_gib" in r]
+    assert len(memory) == 1 and memory[0]["step"] == 1, memory
+    assert 0 < memory[0]["memory_planned_gib"] < memory[0]["memory_measured_gib"] < 2
+    assert "memory plan for this rank" in out.stdout and "memory after step 1" in out.stdout
     assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert (run_dir / "config.yaml").is_file()
     assert json.loads((run_dir / "checkpoints" / "step_00000060" / "meta.json").read_text())

@@ -39,8 +39,7 @@ def job_config(data: Path, run_dir: Path, *extra: str) -> Config:
 def reference_losses(cfg: Config, data: Path) -> list[float]:
     """Plain PyTorch: one process, the whole global batch per step, torch AdamW, same schedule."""
     t, dp = cfg.trainer, cfg.parallel.dp
-    torch.manual_seed(t.seed)
-    model = Llama(cfg.model)
+    model = Llama(cfg.model, seed=t.seed)
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, optim=cfg.optim, max_steps=t.max_steps)
     streams = [

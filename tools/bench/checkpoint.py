@@ -57,11 +57,12 @@ from megalite.cluster.env import from_environ, init_distributed, pick_device
 from megalite.cluster.launch import compose_config, prepare_run
 from megalite.cluster.local import spawn
 from megalite.config import Config
+from megalite.parallel.build import build_model
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine
 from megalite.train.logbook import Logbook
 from megalite.train.trainer import Trainer
-from megalite.train.worker import build_model, quiet_known_warnings
+from megalite.train.worker import quiet_known_warnings
 from tools.bench.data import evict
 
 DEFAULTS = [
@@ -106,8 +107,8 @@ def _bytes_of(ckpt: Path) -> tuple[int, int]:
 
 
 def measure_rank(cfg: Config, dims: ParallelDims, device: torch.device) -> dict[str, Any]:
-    module, loss_fn = build_model(cfg, dims)
-    engine, scheduler = build_engine(module.to(device), cfg, dims)
+    module, loss_fn = build_model(cfg, dims, device)
+    engine, scheduler = build_engine(module, cfg, dims)
     run_dir = Path(cfg.trainer.run_dir)
     trainer = Trainer(
         cfg, engine=engine, scheduler=scheduler, dims=dims, device=device, run_dir=run_dir,

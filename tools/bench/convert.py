@@ -23,8 +23,8 @@ as `Trainer.save` → `engine.save_checkpoint` → `store.commit` write it:
 - `rank_XXXXX.pt` per global rank (data-stream state, RNG) and `meta.json` through `store.commit`.
 
 TP shards are cut by the library's own pieces: the shapes and `tp_shards` specs come from
-`parallelize._shard_vocab` / `_shard_block` (what `apply_tp` runs) applied to a meta-device model,
-and the values from `universal.local_shard` (what `load_universal` uses to place full tensors).
+`parallelize.cut_model` (what `apply_tp` runs) applied to a meta-device model, and the values
+from `TPShard.cut` (the rule `load_universal` reads full tensors' slices by).
 The generator writes one file at a time, filling it one tensor at a time, so its memory stays
 near one DP file's three partitions plus one full tensor and its cut (measured: 5.1 GiB peak for 1b
 at 2x2x2, whose DP files hold 2.25 GB each), never the whole model (14.8 GB of fp32 state).
@@ -87,14 +87,13 @@ from torch import nn
 from megalite.checkpoint import store
 from megalite.checkpoint.reader import KINDS, CheckpointReader
 from megalite.checkpoint.training import rng_state
-from megalite.checkpoint.universal import local_shard
 from megalite.config import Config, validate
 from megalite.data.stream import STATE_VERSION
 from megalite.model.llama import Llama
 from megalite.parallel import parallelize
 from megalite.parallel.engine import build_optimizer, deepspeed_config
 from megalite.parallel.pipeline import PARTITION_METHODS
-from megalite.parallel.tp_layers import TPShard
+from megalite.parallel.placement import TPShard
 from megalite.train.schedule import build_scheduler
 
 POOL = 16_777_259  # a prime just above 2**24: the period of every generated tensor
@@ -220,10 +219,7 @@ def tp_model(cfg: Config, tp: int, tp_rank: int) -> Llama:
             tp=tp, tp_rank=tp_rank, vocab_size=m.vocab_size, n_heads=m.n_heads,
             n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, ffn_dim=m.ffn_dim,
         )  # fmt: skip
-        with torch.no_grad():
-            parallelize._shard_vocab(model, plan, None, False)
-            for i, layer in enumerate(model.layers):
-                parallelize._shard_block(layer, f"layers.{i}", plan, None)
+        parallelize.cut_model(model, plan, group=None, kv_group=None, sequence_parallel=False)
     parallelize.tag_plain_names(model)
     return model
 
@@ -311,7 +307,7 @@ class Shards:
             t = self.full(lp.plain, kind)
         else:
             parts = {n: self.full(n, kind) for n in lp.shard.names}
-            t = local_shard(parts, lp.shard, tp=self.tp, tp_rank=self.tp_rank)
+            t = lp.shard.cut(parts, tp=self.tp, rank=self.tp_rank)
         # A compact copy: a view would drag the whole full tensor into torch.save.
         t = t.reshape(lp.shape).clone(memory_format=torch.contiguous_format)
         self._last[kind] = (lp.module_name, t)

@@ -78,12 +78,13 @@ from megalite.cluster.env import from_environ, init_distributed
 from megalite.cluster.launch import compose_config, prepare_run
 from megalite.cluster.local import spawn
 from megalite.config import Config, validate
+from megalite.parallel.build import build_model
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine, effective_zero_stage
 from megalite.parallel.pipeline import bubble_fraction
 from megalite.train.logbook import Logbook
 from megalite.train.trainer import Trainer
-from megalite.train.worker import build_model, quiet_known_warnings
+from megalite.train.worker import quiet_known_warnings
 
 DEFAULTS = [
     "model=tiny",
@@ -213,7 +214,7 @@ def measure_rank(cfg: Config, dims: ParallelDims, *, steps: int) -> dict[str, An
     """Build this rank's stage and engine for `cfg`, run 1 + `steps` steps, return the timings
     of the last `steps` (per step: wall seconds, seconds per column, calls per column)."""
     m = cfg.grad_accum_steps
-    module, loss_fn = build_model(cfg, dims)
+    module, loss_fn = build_model(cfg, dims, CPU)
     engine, scheduler = build_engine(module, cfg, dims)
     run_dir = Path(cfg.trainer.run_dir or tempfile.gettempdir())
     trainer = Trainer(

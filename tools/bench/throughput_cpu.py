@@ -57,7 +57,7 @@ def stream(cfg, data: Path) -> TokenStream:
 def plain_loop(cfg, data: Path):
     """The baseline: nothing but forward, backward, clip and AdamW."""
     seed_everything(cfg.trainer.seed)
-    model = Llama(cfg.model)
+    model = Llama(cfg.model, seed=cfg.trainer.seed)
     opt = build_optimizer(model, cfg)
     batches = iter(stream(cfg, data))
 
@@ -77,7 +77,7 @@ def megalite_loop(cfg, run_dir: Path):
     seed_everything(cfg.trainer.seed)
     dims = ParallelDims(tp=1, pp=1, dp=1, global_rank=0)
     dims.build_groups()
-    engine, scheduler = build_engine(Llama(cfg.model), cfg, dims)
+    engine, scheduler = build_engine(Llama(cfg.model, seed=cfg.trainer.seed), cfg, dims)
     trainer = Trainer(
         cfg, engine=engine, scheduler=scheduler, dims=dims, device=torch.device("cpu"),
         run_dir=run_dir, logbook=Logbook(run_dir, enabled=False),
