@@ -49,6 +49,19 @@ def _bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean: use true or false")
 
 
+SLURM_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _slurm_mem(text: str) -> int | None:
+    """`--mem` as SLURM reads it (480G, 512000M, 2T; a bare number is MiB) in bytes; 0 (all of
+    the node's memory) is None: nothing to check against."""
+    m = re.fullmatch(r"(\d+)([KMGT]?)B?", text.strip().upper())
+    if not m:
+        raise ValueError(f"{text!r} is not a SLURM memory size: use e.g. 480G or 512000M")
+    n = int(m.group(1)) * SLURM_UNITS[m.group(2) or "M"]
+    return n or None
+
+
 def _count(text: str) -> float:
     """A count or FLOP figure such as 1e23, 70e9 or 2_000_000."""
     return float(text.replace("_", ""))
@@ -71,6 +84,7 @@ for _names, _dest, _conv in (
     (("seq_len", "trainer.seq_len"), "seq_len", int),
     (("global_batch", "global_batch_size", "trainer.global_batch_size"), "global_batch", int),
     (("precision", "trainer.precision"), "precision", str),
+    (("mem", "cluster.mem"), "node_mem", _slurm_mem),
 ):
     for _name in _names:
         _KEYS[_name] = (_dest, _conv)
@@ -210,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("estimate", help="FLOPs, memory per GPU and step time of one layout")
     _gpu(p, default="h100")
     _layout(p)
+    p.add_argument(
+        "--node-mem",
+        type=_slurm_mem,
+        metavar="SIZE",
+        help="host memory of a node's job (cluster.mem, e.g. 480G): warn if start-up needs more",
+    )
     _common(p)
     p.set_defaults(run=commands.run_estimate)
 

@@ -13,7 +13,7 @@ from megalite.plan import report, scaling
 from megalite.plan.errors import PlanError, require_positive
 from megalite.plan.gpus import GPU, resolve_gpu
 from megalite.plan.layout import Estimate, Layout, estimate, search
-from megalite.plan.memory import StageMemory
+from megalite.plan.memory import HostMemory, StageMemory, host_memory
 from megalite.plan.presets import load_preset
 from megalite.plan.shape import flops_per_token, flops_per_token_6n, param_count
 from megalite.plan.throughput import Network
@@ -326,6 +326,7 @@ def run_estimate(args: argparse.Namespace) -> str:
         cfg, layout, gpu, mfu=args.mfu, usable_fraction=_usable(args), network=_network(args)
     )
     result = estimate_record(cfg, est, mfu=args.mfu)
+    result["host"] = host_record(cfg, est, gpus_per_node=args.gpus_per_node, node_mem=args.node_mem)
     if args.plot:
         from megalite.plan.plots import memory_plot
 
@@ -342,6 +343,28 @@ def run_estimate(args: argparse.Namespace) -> str:
     if args.plot:
         text += f"\nplot: {args.plot}"
     return _emit(args, result, text)
+
+
+def host_record(
+    cfg: ModelConfig, est: Estimate, *, gpus_per_node: int, node_mem: int | None
+) -> dict[str, Any]:
+    """Host memory at start-up: per rank (the larger stage), per node, against `cluster.mem`."""
+    lay = est.layout
+    hosts = [host_memory(cfg, lay, s.stage) for s in est.stages]
+    rank: HostMemory = max(hosts, key=lambda h: h.peak)
+    ranks_per_node = min(gpus_per_node, lay.gpus)
+    per_node = ranks_per_node * rank.peak
+    return {
+        "stage": rank.stage,
+        "process": rank.process,
+        "build": rank.build,
+        "resume": rank.resume,
+        "per_rank": rank.peak,
+        "ranks_per_node": ranks_per_node,
+        "per_node": per_node,
+        "node_mem": node_mem,
+        "fits": None if node_mem is None else per_node <= node_mem,
+    }
 
 
 def _short(lay: Layout) -> str:

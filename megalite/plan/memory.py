@@ -17,6 +17,14 @@ real engine to the byte. With p the weights' bytes per element (2 bf16, 4 fp32),
 
 Plus one 4-byte `step` tensor per tensor the inner AdamW steps (per parameter, or per flat group).
 
+Host memory at start-up (`host_memory`, per rank of a GPU run; on a CPU run the device memory is
+the host's): the process itself (torch, DeepSpeed and megalite loaded, the process group joined:
+`PROCESS_BYTES`, measured on CPU; the CUDA driver's own host memory comes on top and is not
+measured here) plus the larger of the build's scratch (each parameter shard is drawn in fp32 on
+the CPU, one at a time, then copied to the GPU) and a resume's largest read (DeepSpeed loads each
+checkpoint file whole into host memory: the model states, then the rank's ZeRO optimizer
+partition; without ZeRO one file holds both).
+
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
 Models", arXiv:2205.05198, section 4): every tensor saved for backward, per layer, for megalite's
 Llama block (RMSNorm, GQA, SwiGLU, no dropout) rather than their GPT block, assuming the fast
@@ -276,6 +284,39 @@ def stage_memory(cfg: ModelConfig, layout: Layout, stage: int) -> StageMemory:
         in_flight=in_flight,
         recompute_working_set=working,
         pipeline_buffers=buffers,
+    )
+
+
+# The anonymous memory of a rank just before its model is built (torch, DeepSpeed, megalite
+# imported, gloo joined): 172 MiB, measured by tools/bench/startup.py (its "base" column) and
+# by a tiny tp2 run of launch/pretrain.py (its "memory after step 1" line).
+PROCESS_BYTES = 172 * 2**20
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """Host bytes of one rank of pipeline stage `stage` at start-up (see the module doc)."""
+
+    stage: int
+    process: int  # the loaded process (PROCESS_BYTES)
+    build: int  # the largest parameter shard, drawn in fp32 on the CPU
+    resume: int  # the largest checkpoint file DeepSpeed reads into host memory
+
+    @property
+    def peak(self) -> int:
+        return self.process + max(self.build, self.resume)
+
+
+def host_memory(cfg: ModelConfig, layout: Layout, stage: int) -> HostMemory:
+    """Host memory of a rank of `stage` at start-up under `layout`."""
+    tensors = stage_tensors(cfg, tp=layout.tp, pp=layout.pp, stage=stage)
+    s = stage_memory(cfg, layout, stage).state
+    resume = s.weights + s.optimizer if layout.effective_zero == 0 else max(s.weights, s.optimizer)
+    return HostMemory(
+        stage=stage,
+        process=PROCESS_BYTES,
+        build=4 * max(t.numel for t in tensors),
+        resume=resume,
     )
 
 

@@ -48,6 +48,27 @@ def _buffers_note(zero: int) -> str:
     return "gradient reduction bucket"
 
 
+def _host_lines(h: dict[str, Any]) -> list[str]:
+    """Host memory at start-up, and the verdict against cluster.mem when it is given."""
+    lines = [
+        f"host memory at start-up: {report.gib(h['per_rank'])} GiB per rank (process "
+        f"{report.gib(h['process'])} + the larger of one parameter drawn in fp32, "
+        f"{report.gib(h['build'])}, and a resume's largest checkpoint file, "
+        f"{report.gib(h['resume'])}; the CUDA driver's own not counted), "
+        f"{report.gib(h['per_node'])} GiB per node of {h['ranks_per_node']} ranks"
+    ]
+    if h["fits"] is False:
+        over = report.gib(h["per_node"] - h["node_mem"])
+        lines.append(
+            f"  WARNING: more than cluster.mem={report.gib(h['node_mem'])} GiB per node ({over} "
+            "GiB over): raise cluster.mem (0: the whole node), or spread the state (zero=1 or "
+            "more dp, more pp)"
+        )
+    elif h["fits"]:
+        lines.append(f"  fits cluster.mem={report.gib(h['node_mem'])} GiB per node")
+    return lines
+
+
 def estimate_text(cfg: ModelConfig, est: Estimate, r: dict[str, Any]) -> str:
     lay, mem, t = est.layout, est.memory, est.time
     fpt, fpt6 = r["flops_per_token"], r["flops_per_token_6n"]
@@ -84,6 +105,7 @@ def estimate_text(cfg: ModelConfig, est: Estimate, r: dict[str, Any]) -> str:
         f"memory per GPU, pipeline {stage} (GiB):",
         report.table(["", "GiB", ""], rows, left=(0, 2)),
         f"  {verdict}: {report.gib(est.usable_bytes)} GiB usable of {est.gpu.memory_gib:g} GiB",
+        *_host_lines(r["host"]),
         "",
         f"pipeline bubble: {report.percent(t.bubble)} ((pp-1)/(m+pp-1), m = {lay.grad_accum})",
         f"step: {report.human(lay.global_batch * lay.seq_len)} tokens, "

@@ -1,12 +1,13 @@
 """Every run checks the planner's memory model against itself.
 
 At start each rank logs what `megalite.plan.memory` predicts for its stage under this config
-(weights, gradients, optimizer state, activations, peak); after the first step it logs the
-measured peak beside it and writes both to metrics.jsonl (`memory_planned_gib`,
-`memory_measured_gib`, per rank). Measured: on a GPU `torch.cuda.max_memory_allocated`; on the
-CPU the peak of the process's anonymous resident memory above what it held before the model was
-built, polled by a thread (`PeakSampler`: the kernel keeps no high-water mark of anonymous memory
-alone, and RSS would also count the library pages mapped as code first runs).
+(weights, gradients, optimizer state, activations, peak; host memory at start-up); after the
+first step it logs the measured peak beside it and writes both to metrics.jsonl
+(`memory_planned_gib`, `memory_measured_gib`, per rank). Measured: on a GPU
+`torch.cuda.max_memory_allocated`; on the CPU the peak of the process's anonymous resident memory
+above what it held before the model was built, polled by a thread (`PeakSampler`: the kernel
+keeps no high-water mark of anonymous memory alone, and RSS would also count the library pages
+mapped as code first runs).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from megalite.config import Config
 from megalite.plan.layout import Layout
-from megalite.plan.memory import StageMemory, stage_memory
+from megalite.plan.memory import HostMemory, StageMemory, host_memory, stage_memory
 
 log = logging.getLogger("megalite")
 GIB = 2**30
@@ -74,6 +75,7 @@ class MemoryCheck:
 
     def __init__(self, cfg: Config, *, stage: int, device: torch.device) -> None:
         self.plan: StageMemory = stage_memory(cfg.model, layout_of(cfg), stage)
+        self.host: HostMemory = host_memory(cfg.model, layout_of(cfg), stage)
         self.device = device
         self.sampler = PeakSampler() if device.type == "cpu" else None
         if device.type == "cuda":
@@ -84,13 +86,19 @@ class MemoryCheck:
         s, plan = self.plan.state, self.plan
         log.info(
             "memory plan for this rank (megalite.plan.memory, stage %d): weights %.2f, gradients "
-            "%.2f, optimizer %.2f, activations %.2f GiB; peak %.2f GiB",
+            "%.2f, optimizer %.2f, activations %.2f GiB; peak %.2f GiB; host at start-up %.2f GiB "
+            "(process %.2f + the larger of one parameter drawn %.2f and a resume's largest file "
+            "%.2f)",
             plan.stage,
             s.weights / GIB,
             s.gradients / GIB,
             s.optimizer / GIB,
             plan.activations / GIB,
             plan.total / GIB,
+            self.host.peak / GIB,
+            self.host.process / GIB,
+            self.host.build / GIB,
+            self.host.resume / GIB,
         )
 
     def measured(self) -> int:
@@ -104,9 +112,12 @@ class MemoryCheck:
             return None
         self.done = True
         measured = self.measured()
-        self.close()
         planned = self.plan.total
-        how = "RSS above the start, CPU" if self.device.type == "cpu" else "CUDA max allocated"
+        how = (
+            f"anonymous memory above the {self.sampler.base / GIB:.2f} GiB before the build, CPU"
+            if self.sampler is not None
+            else "CUDA max allocated"
+        )
         log.info(
             "memory after step %d: measured peak %.2f GiB (%s), planned %.2f GiB: %.2fx the plan",
             step,
@@ -115,6 +126,7 @@ class MemoryCheck:
             planned / GIB,
             measured / planned,
         )
+        self.close()
         return {
             "step": step,
             "memory_planned_gib": planned / GIB,

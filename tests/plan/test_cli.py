@@ -258,3 +258,29 @@ def test_memory_legend_covers_no_bar() -> None:
     bars = [patch.get_window_extent() for patch in ax.patches]
     plt.close(fig)
     assert bars and not any(legend.overlaps(bar) for bar in bars)
+
+
+def test_estimate_host_memory_per_node_against_cluster_mem(capsys) -> None:
+    """Host memory at start-up: the process plus the larger of one parameter drawn in fp32 and a
+    resume's largest file, per rank and per node; cluster.mem given, a verdict (a warning when
+    the node's ranks need more)."""
+    from megalite.plan.layout import Layout
+    from megalite.plan.memory import PROCESS_BYTES, stage_memory
+    from megalite.plan.shape import stage_tensors
+
+    base = "estimate model=70b --gpus 512 tp=8 pp=8 zero=1 seq_len=4096 global_batch=1024"
+    host = run_json(capsys, base)["host"]
+    lay = Layout(tp=8, pp=8, dp=8, zero=1, seq_len=4096, global_batch=1024)
+    state = stage_memory(load_preset("70b"), lay, host["stage"]).state
+    assert host["resume"] == max(state.weights, state.optimizer)  # the ZeRO-1 partition file
+    cfg = load_preset("70b")  # its largest TP shard: the fused gate-up projection, in fp32
+    assert host["build"] == 4 * max(t.numel for t in stage_tensors(cfg, tp=8, pp=8, stage=0))
+    assert host["build"] == 4 * 2 * cfg.ffn_dim // 8 * cfg.dim
+    assert host["per_rank"] == PROCESS_BYTES + max(host["build"], host["resume"])
+    assert host["per_node"] == 8 * host["per_rank"] and host["fits"] is None
+    assert run_json(capsys, base + " --node-mem 2T")["host"]["fits"] is True
+    rc, out, _ = run(capsys, base + " cluster.mem=16G")
+    assert rc == 0 and "WARNING: more than cluster.mem=16.00 GiB per node" in out
+    assert run_json(capsys, base + " mem=0")["host"]["node_mem"] is None  # 0: the whole node
+    rc, _, err = run(capsys, base + " mem=lots")
+    assert rc == 2 and "not a SLURM memory size" in err

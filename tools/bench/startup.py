@@ -7,6 +7,8 @@
 For each model × layout one local gloo world (fp32, CPU) builds the real stack — `build_model`
 → `build_engine` → one training step on random tokens — and every rank reports:
 
+- base: its anonymous memory just before the build (torch, DeepSpeed and megalite loaded, gloo
+  joined: the planner's `PROCESS_BYTES`);
 - share: its parameters' fp32 bytes (its TP slice of its stage; under ZeRO-3 its partition);
 - build, engine, step: the peak of its anonymous resident memory (`RssAnon`, polled every 2 ms:
   what the rank allocates, without the library pages that RSS also counts as code first runs)
@@ -101,6 +103,7 @@ def measure_rank(cfg: Config, dims: ParallelDims, *, engine: bool, step: bool) -
         module, loss_fn = build_model(cfg, dims, CPU)
         built = time.perf_counter()
         out: dict[str, Any] = {"build_peak": sampler.above_base(), "build_s": built - start}
+        out["base"] = sampler.base
         out["share"] = share_bytes(module)
         if engine:
             eng, _ = build_engine(module, cfg, dims)
@@ -179,7 +182,13 @@ def measure_one_rank(model: str, layout: str) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     peak = sampler.above_base()
     sampler.close()
-    return {"share": 4 * fill.numel, "build_peak": peak, "build_s": seconds, "layers": bounds}
+    return {
+        "base": sampler.base,
+        "share": 4 * fill.numel,
+        "build_peak": peak,
+        "build_s": seconds,
+        "layers": bounds,
+    }
 
 
 def _gib(n: float) -> str:
@@ -188,7 +197,7 @@ def _gib(n: float) -> str:
 
 def _row(model: str, layout: str, ranks: list[dict[str, Any]]) -> str:
     r = max(ranks, key=lambda x: x["build_peak"])
-    cells = [model, layout, str(len(ranks)), _gib(r["share"])]
+    cells = [model, layout, str(len(ranks)), _gib(r["base"]), _gib(r["share"])]
     for phase in ("build", "engine", "step"):
         peak = r.get(f"{phase}_peak")
         cells.append("-" if peak is None else f"{_gib(peak)} ({peak / r['share']:.2f}x)")
@@ -201,8 +210,9 @@ def _row(model: str, layout: str, ranks: list[dict[str, Any]]) -> str:
 
 
 HEADER = (
-    "| model | layout | ranks | share GiB | build peak GiB | engine peak GiB | step peak GiB "
-    "| build s | engine s | to 1st step s |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| model | layout | ranks | base GiB | share GiB | build peak GiB | engine peak GiB "
+    "| step peak GiB | build s | engine s | to 1st step s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
