@@ -1,13 +1,14 @@
 """Sharded construction (parallel/build.py): every rank builds only what it holds, and what it
 holds is bit for bit the single-process build's slice of it, in every layout.
 
-Two worlds cover the grid: 8 ranks of tp2 × pp2 × dp2 (one kv head replicated on both TP ranks,
-the vocabulary padded; ZeRO 1; each partition rule once) and 4 ranks of tp2 × dp2 (kv heads
-split; ZeRO 0 and 3, the last partitioned at build). Each world builds tied and untied models
-(the suite's budget: pp4 and tp4 are built by the pipeline and TP parity tests); every rank
-gathers its TP group's shards (and its ZeRO-3 partitions) back to full tensors and compares them
-with `Llama(cfg, seed=…)`, and counts the parameter bytes alive in the process: a pipeline rank
-holds its own stage's and nothing more.
+Two spawned worlds, each building several layouts in turn (their own process groups each):
+8 ranks build tp2 × pp2 × dp2 (one kv head replicated on both TP ranks, ZeRO 1), tp4 × pp2 (one
+kv head replicated on all four TP ranks, ZeRO 0) and pp4 × dp2 (ZeRO 1, one block a stage);
+4 ranks build tp2 × dp2 (kv heads split; ZeRO 0 and 3, the last partitioned at build) and
+dp4 (ZeRO 3). The vocabulary (4093) is padded under TP. Each layout is built tied and untied;
+every rank gathers its TP group's shards (and its ZeRO-3 partitions) back to full tensors and
+compares them with `Llama(cfg, seed=…)`, and counts the parameter bytes alive in the process: a
+pipeline rank holds its own stage's and nothing more.
 """
 
 from __future__ import annotations
@@ -24,9 +25,16 @@ import torch.distributed as dist
 from tests.distributed import run_world
 
 SEED = 7
-WORLDS = {
-    "tp2-pp2-dp2": dict(tp=2, pp=2, dp=2, zero=(1,), vocab=4093, kv=1),
-    "tp2-dp2": dict(tp=2, pp=1, dp=2, zero=(0, 3), vocab=4093, kv=2),
+WORLDS = {  # world size → the layouts it builds, in turn
+    8: {
+        "tp2-pp2-dp2": dict(tp=2, pp=2, dp=2, zero=(1,), vocab=4093, kv=1),
+        "tp4-pp2": dict(tp=4, pp=2, dp=1, zero=(0,), vocab=4093, kv=1),
+        "pp4-dp2": dict(tp=1, pp=4, dp=2, zero=(1,), vocab=4093, kv=2),
+    },
+    4: {
+        "tp2-dp2": dict(tp=2, pp=1, dp=2, zero=(0, 3), vocab=4093, kv=2),
+        "dp4": dict(tp=1, pp=1, dp=4, zero=(3,), vocab=4093, kv=2),
+    },
 }
 
 
@@ -71,7 +79,7 @@ def _live_parameter_bytes() -> int:
     return sum(p.numel() * p.element_size() for p in seen.values())
 
 
-def _rank(rank: int, world_size: int, name: str, out_dir: str) -> None:
+def _rank(rank: int, world_size: int, out_dir: str) -> None:
     from megalite.cluster.env import join_deepspeed
     from megalite.model.llama import Llama
     from megalite.parallel.build import build_model
@@ -84,14 +92,14 @@ def _rank(rank: int, world_size: int, name: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     join_deepspeed("gloo")
     quiet_known_warnings()
-    world = WORLDS[name]
-    dims = ParallelDims(tp=world["tp"], pp=world["pp"], dp=world["dp"], global_rank=rank)
-    dims.build_groups()
     report = []
-    for tied in (False, True):
-        for zero in world["zero"]:
-            # Under a pipeline the untied model balances blocks, the tied one parameters.
-            for partition in ("parameters" if tied and world["pp"] > 1 else "uniform",):
+    for name, world in WORLDS[world_size].items():
+        dims = ParallelDims(tp=world["tp"], pp=world["pp"], dp=world["dp"], global_rank=rank)
+        dims.build_groups()
+        for tied in (False, True):
+            for zero in world["zero"]:
+                # Under a pipeline the untied model balances blocks, the tied one parameters.
+                partition = "parameters" if tied and world["pp"] > 1 else "uniform"
                 cfg = _config(world, tied=tied, zero=zero, partition=partition)
                 reference = dict(Llama(cfg.model, seed=SEED).named_parameters())
                 before = _live_parameter_bytes()
@@ -102,20 +110,22 @@ def _rank(rank: int, world_size: int, name: str, out_dir: str) -> None:
                     build_engine(module, cfg, dims)  # the engine keeps the partitions
                 full = _full_tensors(module, dims)
                 wrong = [n for n, t in full.items() if not torch.equal(t, reference[n].detach())]
-                report.append(dict(tied=tied, zero=zero, partition=partition, names=sorted(full),
-                                   wrong=wrong, held=held, own=own))  # fmt: skip
+                case = dict(layout=name, tied=tied, zero=zero, partition=partition)
+                report.append(dict(case, names=sorted(full), wrong=wrong, held=held, own=own))
                 del module, full, reference
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
 
 
-@pytest.mark.parametrize("name", list(WORLDS))
-def test_every_rank_builds_exactly_its_slice(name: str, tmp_path: Path) -> None:
-    world = WORLDS[name]
-    size = world["tp"] * world["pp"] * world["dp"]
-    run_world(_rank, size, name, str(tmp_path))
+@pytest.mark.parametrize("size", list(WORLDS), ids=lambda n: f"{n}-ranks")
+def test_every_rank_builds_exactly_its_slice(size: int, tmp_path: Path) -> None:
+    run_world(_rank, size, str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(size)]
+    built = [r["layout"] for r in reports[0]]
+    assert sorted(set(built)) == sorted(WORLDS[size]), built
     for case in range(len(reports[0])):
         rows = [r[case] for r in reports]
+        name = rows[0]["layout"]
+        world = WORLDS[size][name]
         what = {k: rows[0][k] for k in ("tied", "zero", "partition")}
         for rank, row in enumerate(rows):
             assert row["wrong"] == [], (name, what, rank)
@@ -131,4 +141,4 @@ def test_every_rank_builds_exactly_its_slice(name: str, tmp_path: Path) -> None:
         if world["pp"] > 1:  # a stage does not hold other stages' blocks
             per_stage = [set(r["names"]) for r in rows[:: world["tp"] * world["dp"]]]
             blocks = [{n.split(".")[1] for n in s if n.startswith("layers.")} for s in per_stage]
-            assert sum(len(b) for b in blocks) == 4, blocks
+            assert sum(len(b) for b in blocks) == 4, (name, blocks)
