@@ -350,7 +350,7 @@ def host_record(
 ) -> dict[str, Any]:
     """Host memory at start-up: per rank (the larger stage), per node, against `cluster.mem`."""
     lay = est.layout
-    hosts = [host_memory(cfg, lay, s.stage) for s in est.stages]
+    hosts = [host_memory(cfg, lay, s) for s in est.stages]
     rank: HostMemory = max(hosts, key=lambda h: h.peak)
     ranks_per_node = min(gpus_per_node, lay.gpus)
     per_node = ranks_per_node * rank.peak

@@ -307,13 +307,13 @@ class HostMemory:
         return self.process + max(self.build, self.resume)
 
 
-def host_memory(cfg: ModelConfig, layout: Layout, stage: int) -> HostMemory:
-    """Host memory of a rank of `stage` at start-up under `layout`."""
-    tensors = stage_tensors(cfg, tp=layout.tp, pp=layout.pp, stage=stage)
-    s = stage_memory(cfg, layout, stage).state
+def host_memory(cfg: ModelConfig, layout: Layout, stage: StageMemory) -> HostMemory:
+    """Host memory at start-up of a rank of `stage` (its `stage_memory` under `layout`)."""
+    tensors = stage_tensors(cfg, tp=layout.tp, pp=layout.pp, stage=stage.stage)
+    s = stage.state
     resume = s.weights + s.optimizer if layout.effective_zero == 0 else max(s.weights, s.optimizer)
     return HostMemory(
-        stage=stage,
+        stage=stage.stage,
         process=PROCESS_BYTES,
         build=4 * max(t.numel for t in tensors),
         resume=resume,

@@ -74,8 +74,9 @@ class MemoryCheck:
     """Started before the model is built (its baseline); `after_step` once the first step ran."""
 
     def __init__(self, cfg: Config, *, stage: int, device: torch.device) -> None:
-        self.plan: StageMemory = stage_memory(cfg.model, layout_of(cfg), stage)
-        self.host: HostMemory = host_memory(cfg.model, layout_of(cfg), stage)
+        layout = layout_of(cfg)
+        self.plan: StageMemory = stage_memory(cfg.model, layout, stage)
+        self.host: HostMemory = host_memory(cfg.model, layout, self.plan)
         self.device = device
         self.sampler = PeakSampler() if device.type == "cpu" else None
         if device.type == "cuda":

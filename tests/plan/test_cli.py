@@ -270,10 +270,11 @@ def test_estimate_host_memory_per_node_against_cluster_mem(capsys) -> None:
 
     base = "estimate model=70b --gpus 512 tp=8 pp=8 zero=1 seq_len=4096 global_batch=1024"
     host = run_json(capsys, base)["host"]
+    cfg = load_preset("70b")
     lay = Layout(tp=8, pp=8, dp=8, zero=1, seq_len=4096, global_batch=1024)
-    state = stage_memory(load_preset("70b"), lay, host["stage"]).state
+    state = stage_memory(cfg, lay, host["stage"]).state
     assert host["resume"] == max(state.weights, state.optimizer)  # the ZeRO-1 partition file
-    cfg = load_preset("70b")  # its largest TP shard: the fused gate-up projection, in fp32
+    # its largest TP shard: the fused gate-up projection, in fp32
     assert host["build"] == 4 * max(t.numel for t in stage_tensors(cfg, tp=8, pp=8, stage=0))
     assert host["build"] == 4 * 2 * cfg.ffn_dim // 8 * cfg.dim
     assert host["per_rank"] == PROCESS_BYTES + max(host["build"], host["resume"])

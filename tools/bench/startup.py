@@ -7,6 +7,7 @@
 For each model × layout one local gloo world (fp32, CPU) builds the real stack — `build_model`
 → `build_engine` → one training step on random tokens — and every rank reports:
 
+- stage: its pipeline stage;
 - base: its anonymous memory just before the build (torch, DeepSpeed and megalite loaded, gloo
   joined: the planner's `PROCESS_BYTES`);
 - share: its parameters' fp32 bytes (its TP slice of its stage; under ZeRO-3 its partition);
@@ -103,7 +104,7 @@ def measure_rank(cfg: Config, dims: ParallelDims, *, engine: bool, step: bool) -
         module, loss_fn = build_model(cfg, dims, CPU)
         built = time.perf_counter()
         out: dict[str, Any] = {"build_peak": sampler.above_base(), "build_s": built - start}
-        out["base"] = sampler.base
+        out["base"], out["stage"] = sampler.base, dims.pp_rank
         out["share"] = share_bytes(module)
         if engine:
             eng, _ = build_engine(module, cfg, dims)
