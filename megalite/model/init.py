@@ -6,7 +6,8 @@ is drawn from its own generator seeded `rules[name].seed + u`. The seeds of all 
 are consecutive and distinct (a 70b model has ~8M units of the 2^32 seeds), so no two units
 share a stream. A tensor-parallel shard, a pipeline stage or a ZeRO partition draws only its own
 units and gets, bit for bit, the values the single-process build has there: the draws are made on
-the CPU, one contiguous unit at a time, whatever the target device.
+the CPU, one contiguous unit at a time, whatever the target device (a GPU shard is allocated on
+the GPU and filled a chunk of units at a time from a small CPU staging buffer).
 
 Values: weights ~ N(0, init_std); the residual outputs use init_std / sqrt(2 * n_layers) so the
 residual stream's variance stays bounded with depth; norm gains are 1.
@@ -68,17 +69,31 @@ def init_rules(cfg: ModelConfig, seed: int) -> dict[str, Rule]:
 @torch.no_grad()
 def draw_into(out: torch.Tensor, rule: Rule, start: int) -> None:
     """Fill `out` with units [start, start + n) of `rule`'s full tensor (n = out's extent along
-    the rule's axis; the other extents are the full ones). `out` may live on any device."""
+    the rule's axis; the other extents are the full ones). `out` may live on any device and have
+    any dtype: an fp32 contiguous CPU target is drawn in place, any other is drawn on the CPU into
+    a staging buffer of at most `STAGING_BYTES` and copied over a chunk of units at a time."""
     if rule.std is None:
         out.fill_(1.0)
         return
     units = out if rule.axis == 0 else out.transpose(0, 1)  # (n, unit_len)
+    n, unit_len = units.shape[0], math.prod(units.shape[1:])
     generator = torch.Generator()
-    row = torch.empty(units.shape[1:], dtype=torch.float32)  # one unit, contiguous, on the CPU
-    direct = out.device.type == "cpu" and out.dtype == torch.float32 and units.is_contiguous()
-    for i in range(units.shape[0]):
-        generator.manual_seed((rule.seed + start + i) % SEEDS)
-        target = units[i] if direct else row
-        target.normal_(mean=0.0, std=rule.std, generator=generator)
-        if not direct:
-            units[i].copy_(row)
+    if out.device.type == "cpu" and out.dtype == torch.float32 and units.is_contiguous():
+        for i in range(n):
+            _draw_unit(units[i], rule, start + i, generator)
+        return
+    chunk = max(1, min(n, STAGING_BYTES // (4 * max(1, unit_len))))
+    staging = torch.empty((chunk, *units.shape[1:]), dtype=torch.float32)
+    for first in range(0, n, chunk):
+        rows = min(chunk, n - first)
+        for i in range(rows):
+            _draw_unit(staging[i], rule, start + first + i, generator)
+        units[first : first + rows].copy_(staging[:rows])
+
+
+STAGING_BYTES = 16 << 20  # the CPU scratch for a target that is not drawn in place
+
+
+def _draw_unit(target: torch.Tensor, rule: Rule, unit: int, generator: torch.Generator) -> None:
+    generator.manual_seed((rule.seed + unit) % SEEDS)
+    target.normal_(mean=0.0, std=rule.std, generator=generator)

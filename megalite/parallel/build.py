@@ -114,7 +114,8 @@ def compile_blocks(model: Llama) -> None:
 
 class Materialiser:
     """Replaces the meta parameters and buffers of a module with real ones on `device`: each
-    parameter's shard drawn from its plain tensors' rules (or left empty with `init=False`).
+    parameter's shard allocated there and drawn from its plain tensors' rules (or left empty with
+    `init=False`); nothing of it is ever whole on another device.
     A parameter shared by two modules (tied embeddings) is made once."""
 
     def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device, *, init: bool):
@@ -146,7 +147,7 @@ class Materialiser:
         if not self.init:
             return torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
         shard = shard_of(meta)
-        out = torch.empty(meta.shape, dtype=torch.float32)  # drawn on the CPU, one at a time
+        out = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
         shard.assemble(
             out,
             lambda piece, region: draw_piece(self.rules[piece.name], piece, region),
@@ -154,7 +155,7 @@ class Materialiser:
             tp=self.tp,
             rank=self.tp_rank,
         )
-        return out.to(device=self.device, dtype=meta.dtype)
+        return out
 
 
 def draw_piece(rule: Rule, piece: Piece, region: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from megalite.model.llama import Llama, TransformerBlock, cross_entropy
 from megalite.parallel.dims import ParallelDims
-from megalite.parallel.placement import TPShard
+from megalite.parallel.placement import TPShard, block_shards, kv_replicas, vocab_shard
 from megalite.parallel.tensor import (
     copy_to_tp,
     gather_seq,
@@ -68,7 +68,7 @@ class TPPlan:
 
     @property
     def kv_replicas(self) -> int:
-        return max(1, self.tp // self.n_kv_heads)
+        return kv_replicas(self.tp, self.n_kv_heads)
 
     def cut(self, shard: TPShard, *full: torch.Tensor) -> torch.Tensor:
         """This rank's shard of the full tensor(s) `full` (in `shard.names` order), a new tensor."""
@@ -172,7 +172,7 @@ def _region(module: nn.Module, group, entry, exit_) -> None:
 
 
 def _shard_vocab(model: Llama, plan: TPPlan, group, sequence_parallel: bool) -> None:
-    shard = TPShard("vocab", ("embed.weight",), full_rows=plan.vocab_size)
+    shard = vocab_shard("embed.weight", plan.vocab_size)
     model.embed = VocabParallelEmbedding(
         plan.cut(shard, model.embed.weight),
         vocab_start=plan.vocab_start,
@@ -184,25 +184,23 @@ def _shard_vocab(model: Llama, plan: TPPlan, group, sequence_parallel: bool) -> 
         model.head = ShardedLinear(torch.empty(0, 0, device="meta"))
         model.head.weight = model.embed.weight
     else:
-        shard = TPShard("vocab", ("head.weight",), full_rows=plan.vocab_size)
+        shard = vocab_shard("head.weight", plan.vocab_size)
         model.head = ShardedLinear(plan.cut(shard, model.head.weight))
         mark(model.head, shard)
 
 
 def _shard_block(layer: TransformerBlock, prefix: str, plan: TPPlan, kv_group) -> None:
     attn, mlp = layer.attn, layer.mlp
-    shard = TPShard("rows", (f"{prefix}.attn.wq.weight",))
-    attn.wq = mark(ShardedLinear(plan.cut(shard, attn.wq.weight)), shard)
+    shards = block_shards(prefix, kv_replicas=plan.kv_replicas)
+    attn.wq = mark(ShardedLinear(plan.cut(shards["attn.wq"], attn.wq.weight)), shards["attn.wq"])
     first_replica = plan.tp_rank % plan.kv_replicas == 0
     for name in ("wk", "wv"):
-        shard = TPShard("kv", (f"{prefix}.attn.{name}.weight",), replicas=plan.kv_replicas)
+        shard = shards[f"attn.{name}"]
         lin = ShardedLinear(plan.cut(shard, getattr(attn, name).weight), grad_group=kv_group)
         # A replicated kv head counts once in the gradient norm.
         setattr(attn, name, mark(lin, shard, counted=first_replica))
-    shard = TPShard("cols", (f"{prefix}.attn.wo.weight",))
-    attn.wo = mark(ShardedLinear(plan.cut(shard, attn.wo.weight)), shard)
-    gate_up = TPShard("gate_up", (f"{prefix}.mlp.w1.weight", f"{prefix}.mlp.w3.weight"))
-    down = TPShard("cols", (f"{prefix}.mlp.w2.weight",))
+    attn.wo = mark(ShardedLinear(plan.cut(shards["attn.wo"], attn.wo.weight)), shards["attn.wo"])
+    gate_up, down = shards["mlp.w13"], shards["mlp.w2"]
     layer.mlp = ParallelSwiGLU(
         plan.cut(gate_up, mlp.w1.weight, mlp.w3.weight), plan.cut(down, mlp.w2.weight)
     )

@@ -12,6 +12,10 @@ resumes cut with it), the conversion tools and the planner. Kinds:
   `replicas` neighbouring ranks;
 - "gate_up": this rank's rows of the gate (`names[0]`), then its rows of the up projection
   (`names[1]`), fused into one column-parallel matmul.
+
+`block_shards` and `vocab_shard` say which parameter of the model is cut which way. The module
+is pure arithmetic until a tensor is cut or merged (torch is imported then), so the planner sizes
+a rank's tensors with the same rule without importing torch.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 KINDS = ("full", "rows", "cols", "vocab", "kv", "gate_up")
 
@@ -131,6 +137,8 @@ class TPShard:
 
     def merge(self, parts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The full tensor(s), by plain name, from the shards of TP ranks 0..tp-1."""
+        import torch
+
         if self.kind == "full":
             return {self.names[0]: parts[0]}
         if self.kind == "cols":
@@ -148,6 +156,35 @@ class TPShard:
                 self.names[1]: torch.cat([h[1] for h in halves]),
             }
         raise ValueError(f"unknown shard kind {self.kind!r}")
+
+
+def kv_replicas(tp: int, n_kv_heads: int) -> int:
+    """TP ranks holding each kv head: 1 when the kv heads split over the ranks, else
+    tp / n_kv_heads neighbouring ranks per head."""
+    return max(1, tp // n_kv_heads)
+
+
+def vocab_shard(name: str, vocab_size: int) -> TPShard:
+    """The cut of the embedding or the head (`name`): vocabulary rows, padded to tp's multiple."""
+    return TPShard("vocab", (name,), full_rows=vocab_size)
+
+
+def block_shards(prefix: str, *, kv_replicas: int) -> dict[str, TPShard]:
+    """The cut of each matrix of transformer block `prefix` (e.g. "layers.3"), by the sharded
+    module's name in the block: q heads by rows, kv heads by rows (each head on `kv_replicas`
+    ranks), the attention output by columns, gate and up fused as `mlp.w13`, down by columns."""
+
+    def named(*names: str) -> tuple[str, ...]:
+        return tuple(f"{prefix}.{n}.weight" for n in names)
+
+    return {
+        "attn.wq": TPShard("rows", named("attn.wq")),
+        "attn.wk": TPShard("kv", named("attn.wk"), replicas=kv_replicas),
+        "attn.wv": TPShard("kv", named("attn.wv"), replicas=kv_replicas),
+        "attn.wo": TPShard("cols", named("attn.wo")),
+        "mlp.w13": TPShard("gate_up", named("mlp.w1", "mlp.w3")),
+        "mlp.w2": TPShard("cols", named("mlp.w2")),
+    }
 
 
 def shard_of(param: torch.nn.Parameter) -> TPShard:

@@ -8,10 +8,10 @@ proves the two agree for every preset and several sequence lengths. Conventions 
 causal attention is counted over the full s x s score matrix.
 
 `stage_tensors` lists the parameters one rank holds after megalite/parallel shards the model:
-tensor parallelism as in parallelize.apply_tp (q/kv/o heads, the fused gate-up `w13` and `w2` of
-the MLP, vocabulary padded to a multiple of tp), pipeline stages as in pipeline.build_pipeline
-(`uniform`: blocks split evenly, the first stages taking one more; embedding on the first stage,
-final norm and head on the last; a tied embedding held by both).
+tensor parallelism by placement's own cut (`block_shards`, `vocab_shard`: q/kv/o heads, the fused
+gate-up `w13` and `w2` of the MLP, vocabulary padded to a multiple of tp), pipeline stages as in
+pipeline.build_pipeline (`uniform`: blocks split evenly, the first stages taking one more;
+embedding on the first stage, final norm and head on the last; a tied embedding held by both).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 from megalite.config import ModelConfig
+from megalite.parallel.placement import block_shards, kv_replicas, vocab_shard
 
 
 def _widths(cfg: ModelConfig) -> tuple[int, int]:
@@ -87,37 +88,51 @@ def stage_blocks(n_layers: int, pp: int, stage: int) -> range:
     return range(start, start + base + (1 if stage < extra else 0))
 
 
+def _block_matrices(cfg: ModelConfig, index: int) -> dict[str, tuple[int, int]]:
+    """The full shapes of block `index`'s weight matrices, by plain name."""
+    d, f = cfg.dim, cfg.ffn_dim
+    a, g = _widths(cfg)
+    p = f"layers.{index}."
+    shapes = {"attn.wq": (a, d), "attn.wk": (g, d), "attn.wv": (g, d), "attn.wo": (d, a)}
+    shapes |= {"mlp.w1": (f, d), "mlp.w3": (f, d), "mlp.w2": (d, f)}
+    return {f"{p}{name}.weight": shape for name, shape in shapes.items()}
+
+
+def _tp_shapes(cfg: ModelConfig, tp: int, index: int) -> dict[str, tuple[int, ...]]:
+    """Block `index`'s matrices on one TP rank, by the sharded module's name (placement's cut:
+    gate and up fused as `mlp.w13` when tp > 1)."""
+    full = _block_matrices(cfg, index)
+    if tp == 1:
+        return {name.removesuffix(".weight").split(".", 2)[2]: s for name, s in full.items()}
+    shards = block_shards(f"layers.{index}", kv_replicas=kv_replicas(tp, cfg.n_kv_heads))
+    return {
+        module: shard.shape({n: full[n] for n in shard.names}, tp=tp, rank=0)
+        for module, shard in shards.items()
+    }
+
+
 def kv_rows(cfg: ModelConfig, tp: int) -> int:
     """Rows of wk (and wv) on one TP rank: a slice of kv heads, or one whole kv head replicated
     over tp / n_kv_heads ranks when there are fewer kv heads than ranks."""
-    if tp > cfg.n_kv_heads:
-        return cfg.head_dim
-    return cfg.n_kv_heads * cfg.head_dim // tp
+    return _tp_shapes(cfg, tp, 0)["attn.wk"][0]
 
 
 def vocab_rows(cfg: ModelConfig, tp: int) -> int:
     """Rows of the embedding (and head) on one TP rank: the vocabulary padded to tp's multiple."""
-    return math.ceil(cfg.vocab_size / tp)
+    shard = vocab_shard("embed.weight", cfg.vocab_size)
+    return shard.shape({"embed.weight": (cfg.vocab_size, cfg.dim)}, tp=tp, rank=0)[0]
 
 
 def block_tensors(cfg: ModelConfig, tp: int, index: int) -> list[RankTensor]:
-    d, f = cfg.dim, cfg.ffn_dim
-    a = _widths(cfg)[0]
+    """Block `index`'s parameters on one TP rank (all TP ranks hold equal sizes)."""
     p = f"layers.{index}."
-    out = [
-        RankTensor(p + "attn_norm.weight", d, 1),
-        RankTensor(p + "attn.wq.weight", a // tp * d, 2),
-        RankTensor(p + "attn.wk.weight", kv_rows(cfg, tp) * d, 2),
-        RankTensor(p + "attn.wv.weight", kv_rows(cfg, tp) * d, 2),
-        RankTensor(p + "attn.wo.weight", d * (a // tp), 2),
-        RankTensor(p + "mlp_norm.weight", d, 1),
-    ]
-    if tp == 1:
-        out += [RankTensor(p + f"mlp.{w}.weight", d * f, 2) for w in ("w1", "w2", "w3")]
-    else:  # parallelize._shard_block fuses gate and up into one column-parallel w13
+    out = []
+    for part in ("attn", "mlp"):  # the model's order: each part's norm gain, then its matrices
+        out.append(RankTensor(f"{p}{part}_norm.weight", cfg.dim, 1))
         out += [
-            RankTensor(p + "mlp.w13.weight", 2 * (f // tp) * d, 2),
-            RankTensor(p + "mlp.w2.weight", d * (f // tp), 2),
+            RankTensor(f"{p}{module}.weight", math.prod(shape), len(shape))
+            for module, shape in _tp_shapes(cfg, tp, index).items()
+            if module.startswith(part + ".")
         ]
     return out
 

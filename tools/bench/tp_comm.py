@@ -331,8 +331,10 @@ class StepShape:
     head_dim: int
 
     @property
-    def kv_replicas(self) -> int:  # as parallelize.TPPlan
-        return max(1, self.tp // self.n_kv_heads)
+    def kv_replicas(self) -> int:
+        from megalite.parallel.placement import kv_replicas
+
+        return kv_replicas(self.tp, self.n_kv_heads)
 
 
 def predict(shape: StepShape, *, sp: bool) -> dict[tuple[str, str], Counter[Collective]]:
