@@ -8,9 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from megalite.cluster.local import free_port
+from megalite.cluster.local import free_port, start_processes
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
@@ -25,13 +24,7 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
 def run_world(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
     """Call `fn(rank, world_size, *args)` on every rank of a fresh gloo world; `fn` must be a
     module-level function (it is pickled by reference)."""
-    mp.start_processes(
-        _entry,
-        args=(fn, world_size, free_port(), args),
-        nprocs=world_size,
-        join=True,
-        start_method="spawn",
-    )
+    start_processes(_entry, nprocs=world_size, args=(fn, world_size, free_port(), args))
 
 
 def deepspeed_dp_rank(rank: int, world: int) -> Any:

@@ -25,6 +25,8 @@ from typing import Any
 import torch.multiprocessing as mp
 
 log = logging.getLogger(__name__)
+SERVER = "megalite.cluster.forkserver"  # what the ranks' server imports once (see that module)
+SERVER_IGNORES = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 GRACE_S = 3.0
 FAILURE_DIR = "MEGALITE_FAILURE_DIR"
 STARTUP_EXIT = 3  # a rank's start-up phase ran past trainer.startup_timeout (train/watchdog.py)
@@ -102,8 +104,38 @@ def local_child() -> bool:
     return os.environ.get("MEGALITE_LOCAL_CHILD") == "1"
 
 
+def start_processes(
+    fn: Callable[..., Any], *, nprocs: int, args: tuple = (), join: bool = True
+) -> mp.ProcessContext | None:
+    """torch's `start_processes` for `fn(index, *args)`, the processes forked from a server that
+    imported torch once (`forkserver`, module SERVER) rather than started afresh (`spawn`). Each
+    gets this process's environment as it is now (the server's is the one it started with) and
+    the default action of the signals the server ignores."""
+    mp.set_forkserver_preload([SERVER])
+    return mp.start_processes(
+        _forked,
+        args=(fn, dict(os.environ), args),
+        nprocs=nprocs,
+        join=join,
+        start_method="forkserver",
+    )
+
+
+def _forked(index: int, fn: Callable[..., Any], env: dict[str, str], args: tuple) -> None:
+    restore_signals()
+    os.environ.clear()
+    os.environ.update(env)
+    fn(index, *args)
+
+
+def restore_signals() -> None:
+    """The default action of the signals the ranks' server ignores (see SERVER)."""
+    for signum in SERVER_IGNORES:
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def spawn(fn: Callable[..., Any], *, nprocs: int, args: tuple = ()) -> None:
-    """Run `fn(*args)` in `nprocs` fresh processes (spawn start method) and wait for all.
+    """Run `fn(*args)` in `nprocs` new processes (`start_processes`) and wait for all.
 
     SIGTERM, SIGUSR1 or SIGUSR2 sent to this process asks the ranks to checkpoint and stop
     (see cluster/signals.py): it is passed on to them, SIGTERM as SIGUSR1, since a child's SIGTERM
@@ -111,13 +143,10 @@ def spawn(fn: Callable[..., Any], *, nprocs: int, args: tuple = ()) -> None:
     """
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="megalite-failures-") as failures:
-        ctx = mp.start_processes(
-            _child,
-            args=(fn, nprocs, port, failures, args),
-            nprocs=nprocs,
-            join=False,
-            start_method="spawn",
+        ctx = start_processes(
+            _child, nprocs=nprocs, args=(fn, nprocs, port, failures, args), join=False
         )
+        assert ctx is not None
         with _forwarding_stop_signals(ctx.processes):
             # When one rank fails the others get GRACE_S to end by themselves (and log why), then
             # SIGTERM, then after GRACE_S more SIGKILL: a rank stuck in C code still goes.

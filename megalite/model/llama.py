@@ -53,16 +53,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", torch.empty(shape, dtype=torch.float32), persistent=False)
 
     @torch.no_grad()
-    def init_tables(self) -> None:
-        device, d = self.cos.device, self.head_dim
+    def init_tables(self, device: torch.device | None = None) -> None:
+        """Compute the tables, on `device` (default: where they are; from meta, one must be
+        given). New tensors: no meta tensor is touched (that would import torch's compiler)."""
+        device = self.cos.device if device is None else device
+        d = self.head_dim
         inv_freq = 1.0 / (
             self.theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
         )  # (d/2,)
         positions = torch.arange(self.cos.shape[0], device=device).float()  # (s_max,)
         angles = torch.outer(positions, inv_freq)  # (s_max, d/2)
         angles = torch.cat((angles, angles), dim=-1)  # (s_max, d)
-        self.cos.copy_(angles.cos())
-        self.sin.copy_(angles.sin())
+        self.cos, self.sin = angles.cos(), angles.sin()
 
     def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The tables for positions [0, seq_len): two (seq_len, head_dim) fp32 tensors."""
@@ -147,7 +149,10 @@ class Llama(nn.Module):
             self.rope = RotaryEmbedding(
                 cfg.head_dim, max_seq_len=cfg.max_seq_len, theta=cfg.rope_theta
             )
-            self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+            # A weight given skips nn.Embedding's own init, whose normal_ on meta imports
+            # torch's compiler stack (2 s a process).
+            weight = torch.empty(cfg.vocab_size, cfg.dim)
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=weight)
             self.layers = nn.ModuleList(
                 TransformerBlock(cfg, self.rope) for _ in range(cfg.n_layers)
             )
@@ -173,12 +178,7 @@ class Llama(nn.Module):
         self.rope.init_tables()
         rules = init_rules(self.cfg, seed)
         for name, p in self.named_parameters():
-            if p.device.type == "cpu" and p.dtype == torch.float32:
-                draw_into(p, rules[name], 0)
-            else:
-                full = torch.empty(p.shape, dtype=torch.float32)
-                draw_into(full, rules[name], 0)
-                p.copy_(full)
+            draw_into(p, rules[name], 0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (b, s) int64 -> logits (b, s, vocab_size) in the parameters' dtype."""

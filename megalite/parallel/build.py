@@ -128,8 +128,7 @@ class Materialiser:
     def __call__(self, module: nn.Module) -> None:
         for sub in module.modules():
             if isinstance(sub, RotaryEmbedding) and sub.cos.is_meta:
-                sub.to_empty(device=self.device, recurse=False)
-                sub.init_tables()
+                sub.init_tables(self.device)
             for key, param in list(sub.named_parameters(recurse=False)):
                 if param.is_meta:
                     setattr(sub, key, self._real(param))

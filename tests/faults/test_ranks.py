@@ -58,9 +58,12 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 
 def ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
-    """The rank processes of the launcher (its children running the worker)."""
+    """The rank processes of the launcher: the children of the server it forks them from
+    (megalite.cluster.local.start_processes), in the order they started."""
     kids = psutil.Process(proc.pid).children()
-    return [k for k in kids if "multiprocessing.spawn" in " ".join(k.cmdline())]
+    servers = [k for k in kids if "multiprocessing.forkserver" in " ".join(k.cmdline())]
+    ranks = [rank for server in servers for rank in server.children()]
+    return sorted(ranks, key=lambda r: (r.create_time(), r.pid))
 
 
 @pytest.fixture(scope="module")

@@ -50,11 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from megalite.cluster.launch import compose_config
-from megalite.cluster.local import free_port
+from megalite.cluster.local import free_port, start_processes
 from megalite.config import ModelConfig
 from megalite.model.llama import Llama
 from megalite.parallel.dims import ParallelDims
@@ -467,12 +466,10 @@ def measure(
     shape = StepShape(tp, batch, seq_len, cfg.dim, cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
     with tempfile.TemporaryDirectory(prefix="megalite-tp-comm-") as tmp:
         out_path = Path(tmp) / "calls.json"
-        mp.start_processes(
+        start_processes(
             _rank_main,
-            args=(tp, free_port(), cfg, batch, seq_len, sp_settings, str(out_path)),
             nprocs=tp,
-            join=True,
-            start_method="spawn",
+            args=(tp, free_port(), cfg, batch, seq_len, sp_settings, str(out_path)),
         )
         results = json.loads(out_path.read_text())
     reports = []
