@@ -13,7 +13,7 @@ from megalite.checkpoint.store import CheckpointError
 from megalite.cluster.local import RankExited
 from megalite.cluster.slurm import JobFailed
 from megalite.config import ConfigError
-from megalite.data.manifest import DataError
+from megalite.data.errors import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 

@@ -14,7 +14,7 @@ import pytest
 from megalite.checkpoint.store import CheckpointError
 from megalite.cluster.launch import check_overrides, prepare_run
 from megalite.config import ConfigError, TrainerConfig, doubtful
-from megalite.data.manifest import DataError
+from megalite.data.errors import DataError
 from tests.helpers import CONF, ROOT, compose_config
 
 GROUPS = ["model", "data", "parallel", "optim", "trainer", "logging", "kernels"]

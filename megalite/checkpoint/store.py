@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from megalite import faults
+from megalite.files import atomic_write, fsync_path
 
 META = "meta.json"
 LATEST = "latest"
@@ -69,24 +70,6 @@ def tmp_name(step: int) -> str:
 
 def rank_file(global_rank: int) -> str:
     return f"rank_{global_rank:05d}.pt"
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 # ---- files and checksums ----------------------------------------------------------------------
@@ -174,16 +157,16 @@ def commit(
         "files": entries,
         "previous": previous.name if previous else None,
     }
-    _write_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True))
+    atomic_write(tmp / META, json.dumps(meta, indent=2, sort_keys=True))
     for folder in (p for p in tmp.rglob("*") if p.is_dir()):
-        _fsync_path(folder)
+        fsync_path(folder)
     faults.point("before_rename", step=step)
     final = _free_name(root, step)
     os.rename(tmp, final)
     try:
-        _fsync_path(root)
+        fsync_path(root)
         faults.point("after_rename_before_latest", step=step)
-        _write_atomic(root / LATEST, final.name + "\n")
+        atomic_write(root / LATEST, final.name + "\n")
     except OSError:
         with contextlib.suppress(OSError):
             os.rename(final, tmp)
@@ -215,10 +198,10 @@ def staging(dst: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for path in tmp.rglob("*"):
-        _fsync_path(path)
-    _fsync_path(tmp)
+        fsync_path(path)
+    fsync_path(tmp)
     os.rename(tmp, dst)
-    _fsync_path(dst.parent)
+    fsync_path(dst.parent)
 
 
 def discard_partial(root: Path) -> None:
@@ -355,7 +338,7 @@ def prune(root: Path, *, keep: int) -> list[str]:
         trash = root / (TRASH_PREFIX + path.name)
         shutil.rmtree(trash, ignore_errors=True)
         os.rename(path, trash)
-        _fsync_path(root)
+        fsync_path(root)
         faults.point("during_prune", step=_order(head)[0] if head else -1)
         shutil.rmtree(trash)
     return [p.name for p in victims]

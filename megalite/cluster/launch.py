@@ -26,12 +26,11 @@ from megalite.config import (
     Config,
     ConfigError,
     SourceConfig,
-    data_sources,
     doubtful,
     register_configs,
     validate,
 )
-from megalite.data.mixture import check_tokenizers, normalise
+from megalite.data.mixture import check_sources, check_tokenizers, configured_sources
 from megalite.data.sample import prepare_sample
 from megalite.data.shards import Retry, is_pattern, locate
 from megalite.train.worker import run_worker
@@ -157,7 +156,7 @@ def resolve_data(cfg: Config) -> None:
     d = cfg.data
     if d.sources:  # normalised once, here (the log says so): workers get weights summing to 1
         d.sources = [
-            SourceConfig(_absolute(s.path), s.weight, s.name) for s in normalise(data_sources(d))
+            SourceConfig(_absolute(s.path), s.weight, s.name) for s in configured_sources(d)
         ]
     elif d.path is not None:
         d.path = _absolute(d.path)
@@ -177,7 +176,7 @@ def check_data(cfg: Config) -> None:
     """Every source opens (its manifest is read; a pipe: command runs once), all share one
     tokenizer, and it fits the model's vocabulary."""
     retry = Retry(attempts=cfg.data.read_attempts, delay_s=cfg.data.retry_delay_s)
-    located = [(s, locate(s.path, retry=retry)) for s in normalise(data_sources(cfg.data))]
+    located = [(s, locate(s.path, retry=retry)) for s in configured_sources(cfg.data)]
     check_tokenizers(located)
     for spec, loc in located:
         vocab = loc.manifest.vocab_size
@@ -240,6 +239,7 @@ def prepare_run(
     Completes `cfg.data` (see `resolve_data`) so every worker reads the same data.
     """
     validate(cfg, world_size=world_size)
+    check_sources(cfg.data)
     if writer:
         for warning in doubtful(cfg):
             log.warning("%s", warning)

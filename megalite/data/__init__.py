@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from megalite.data.manifest import DataError, Manifest, load_manifest
+from megalite.data.errors import DataError
+from megalite.data.manifest import Manifest, load_manifest
 from megalite.data.prepare import prepare
 from megalite.data.sample import prepare_sample
 

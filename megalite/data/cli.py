@@ -15,7 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from megalite.data.manifest import DataError, Manifest
+from megalite.data.errors import DataError
+from megalite.data.manifest import Manifest
 from megalite.data.prepare import DEDUP_MODES, EOD_TOKEN, prepare
 
 PROG = "prepare_data"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from megalite.data.manifest import DataError
+from megalite.data.errors import DataError
 
 NGRAM = 5
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: invertible mod 2^64

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from megalite.data.manifest import TOKENIZER_NAME, DataError
+from megalite.data.errors import DataError
+from megalite.data.manifest import TOKENIZER_NAME
 
 EOD_TOKEN = "<|endoftext|>"
 MIN_VOCAB = 257  # the 256 byte tokens plus the end-of-document token

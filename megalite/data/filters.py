@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from megalite.data.manifest import DataError
+from megalite.data.errors import DataError
 
 # Characters that are neither alphanumeric nor whitespace: `\w` is str.isalnum() plus "_".
 _SYMBOL = re.compile(r"[^\w\s]|_")

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from megalite.data.manifest import DataError
+from megalite.data.errors import DataError
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 _KINDS = ".txt or .jsonl[.gz|.zst] or .parquet"  # for messages

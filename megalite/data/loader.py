@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from megalite.data.manifest import DataError
+from megalite.data.errors import DataError
 from megalite.data.stream import TokenStream
 
 

@@ -12,11 +12,13 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from megalite.data.manifest import DataError
-from megalite.data.shards import Location
+from megalite.config import ConfigError, DataConfig
+from megalite.data.errors import DataError
+from megalite.data.shards import Location, is_pattern
 from megalite.data.source import mix64
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,31 @@ def normalise(specs: list[SourceSpec], *, warn: bool = True) -> list[SourceSpec]
     if warn and not math.isclose(total, 1.0, rel_tol=1e-9):
         log.warning("data source weights sum to %g: normalised to sum to 1", total)
     return [SourceSpec(s.path, s.weight / total, s.name) for s in kept]
+
+
+def configured_sources(d: DataConfig, *, warn: bool = True) -> list[SourceSpec]:
+    """The run's sources, checked and normalised (`normalise`): `data.sources`, or `data.path`
+    as the only one."""
+    if d.sources:
+        specs = [SourceSpec(s.path, s.weight, s.name) for s in d.sources]
+    elif d.path is not None:
+        specs = [SourceSpec(d.path)]
+    else:
+        raise ConfigError("no data: set data.path=DIR or data.sources=[...]")
+    return normalise(specs, warn=warn)
+
+
+def check_sources(d: DataConfig) -> None:
+    """ConfigError, before any process starts, unless every configured folder exists (patterns
+    and URLs are opened later) and a mixture's weights are valid."""
+    for path in [d.path] if d.path is not None else [s.path for s in d.sources]:
+        if not (is_pattern(path) or Path(path).expanduser().exists()):
+            raise ConfigError(f"data path {path} does not exist: run tools/prepare_data.py")
+    if d.sources:
+        try:
+            configured_sources(d, warn=False)  # checks only: the launcher says it once
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def check_tokenizers(located: list[tuple[SourceSpec, Location]]) -> None:

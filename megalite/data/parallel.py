@@ -23,7 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from types import TracebackType
 from typing import TypeVar
 
-from megalite.data.manifest import DataError
+from megalite.data.errors import DataError
 
 T = TypeVar("T")
 R = TypeVar("R")

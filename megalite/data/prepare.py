@@ -41,21 +41,21 @@ from megalite.data.encode import (
     train_tokenizer,
     unpack,
 )
+from megalite.data.errors import DataError
 from megalite.data.filters import PrepareStats, QualityFilter
 from megalite.data.inputs import find_inputs, normalize, read_texts
 from megalite.data.manifest import (
     MANIFEST_NAME,
     TOKENIZER_NAME,
-    DataError,
     Manifest,
-    ShardWriter,
     SplitInfo,
-    atomic_write,
     write_manifest,
 )
 from megalite.data.parallel import Workers
 from megalite.data.resume import WORK_DIR, Journal, WorkFolder, fingerprint
 from megalite.data.split import SplitPlan
+from megalite.data.writer import ShardWriter
+from megalite.files import atomic_write
 
 PREPARE_VERSION = 1  # bump when the bytes written for the same input and options change
 DEDUP_MODES = ("exact", "minhash", "none")

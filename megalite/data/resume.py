@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from megalite.data.manifest import WriterPosition, atomic_write
+from megalite.data.writer import WriterPosition
+from megalite.files import atomic_write
 
 WORK_DIR = ".prepare"
 log = logging.getLogger(__name__)

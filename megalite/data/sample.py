@@ -18,7 +18,8 @@ from pathlib import Path
 
 import tokenizers
 
-from megalite.data.manifest import FORMAT_VERSION, MANIFEST_NAME, DataError
+from megalite.data.errors import DataError
+from megalite.data.manifest import FORMAT_VERSION, MANIFEST_NAME
 from megalite.data.prepare import PREPARE_VERSION, prepare
 
 SAMPLE_TEXT = Path(__file__).parent / "samples" / "tinyshakespeare.txt"

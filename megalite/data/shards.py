@@ -31,12 +31,12 @@ from typing import TypeVar
 
 import numpy as np
 
+from megalite.data.codec import decode_shard
+from megalite.data.errors import DataError
 from megalite.data.manifest import (
     MANIFEST_NAME,
-    DataError,
     Manifest,
     ShardInfo,
-    decode_shard,
     load_manifest,
     manifest_bytes,
     parse_manifest,

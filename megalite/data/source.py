@@ -13,7 +13,7 @@ import hashlib
 
 import numpy as np
 
-from megalite.data.manifest import DataError
+from megalite.data.errors import DataError
 from megalite.data.shards import Location, Retry, read_shard_at
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from megalite.data.codec import read_shard
 from megalite.data.encode import SENTENCEPIECE_NAME, Encoder, TokenizerFile
-from megalite.data.manifest import Manifest, SplitTotals, load_manifest, read_shard
+from megalite.data.manifest import Manifest, SplitTotals, load_manifest
 
 _BAR = 40  # characters of the longest histogram bar
 

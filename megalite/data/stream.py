@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megalite.data.manifest import DataError
+from megalite.data.errors import DataError
 from megalite.data.mixture import SourceSpec, check_tokenizers, choose, normalise
 from megalite.data.shards import DEFAULT_RETRY, Retry, locate
 from megalite.data.source import Source, permutation

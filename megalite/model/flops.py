@@ -1,4 +1,6 @@
-"""Parameter counts and training FLOPs per token of a `ModelConfig`, without allocating it.
+"""Parameter counts and training FLOPs per token of a `ModelConfig`, from its shape alone: pure
+arithmetic (no torch), so the planner uses it as the trainer's MFU does. `count_params` counts
+the real model's parameters (built on meta) to check it.
 
 Conventions (those of Megatron-LM and PaLM's MFU, so our MFU compares with theirs):
 - one multiply-add = 2 FLOPs; training = forward + backward = 3 x forward;
@@ -23,42 +25,68 @@ head: it drops the attention term and over-counts the norm gains (2L+1)*d.
 
 from __future__ import annotations
 
-import torch
-
 from megalite.config import ModelConfig
-from megalite.model.llama import Llama
+
+
+def widths(cfg: ModelConfig) -> tuple[int, int]:
+    """(q width a = n_heads * head_dim, kv width g = n_kv_heads * head_dim)."""
+    return cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+
+
+def block_params(cfg: ModelConfig) -> int:
+    """Parameters of one transformer block: wq wk wv wo, w1 w2 w3, two norm gains."""
+    d, f = cfg.dim, cfg.ffn_dim
+    a, g = widths(cfg)
+    return d * a + 2 * d * g + a * d + 3 * d * f + 2 * d
+
+
+def param_count(cfg: ModelConfig, *, exclude_embeddings: bool = False) -> int:
+    """Parameters of `Llama(cfg)`, tied weights once; `exclude_embeddings` drops every vocab x dim
+    matrix (Kaplan et al.'s non-embedding N). Equals `count_params`."""
+    vocab_tables = (1 if cfg.tie_embeddings else 2) * cfg.vocab_size * cfg.dim
+    body = cfg.n_layers * block_params(cfg) + cfg.dim  # + final norm
+    return body if exclude_embeddings else body + vocab_tables
+
+
+def layer_flops_fwd(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward matmul FLOPs per token of one block: projections, MLP, scores and mix."""
+    d, f = cfg.dim, cfg.ffn_dim
+    a, g = widths(cfg)
+    return 2 * d * a + 2 * 2 * d * g + 2 * a * d + 3 * 2 * d * f + attention_flops_fwd(cfg, seq_len)
+
+
+def attention_flops_fwd(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of the attention core (q.k^T and probs @ v over the full s x s)."""
+    return 2 * 2 * seq_len * widths(cfg)[0]
+
+
+def head_flops_fwd(cfg: ModelConfig) -> float:
+    return 2 * cfg.dim * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Exact training (forward + backward) matmul FLOPs per token at `seq_len`; see the module
+    docstring."""
+    return float(3 * (cfg.n_layers * layer_flops_fwd(cfg, seq_len) + head_flops_fwd(cfg)))
+
+
+def flops_per_token_6n(cfg: ModelConfig) -> float:
+    """6 * N with N = non-embedding parameters + the head matrix (counted even when tied)."""
+    return float(6 * (param_count(cfg, exclude_embeddings=True) + cfg.vocab_size * cfg.dim))
 
 
 def count_params(cfg: ModelConfig, *, exclude_embeddings: bool = False) -> int:
     """Parameters of `Llama(cfg)`, built on the meta device; tied weights count once.
 
     exclude_embeddings drops every vocab x dim matrix (the embedding and the head, tied or not),
-    giving Kaplan et al.'s "non-embedding" N.
+    giving Kaplan et al.'s "non-embedding" N. The check of `param_count`.
     """
-    with torch.device("meta"):
-        model = Llama(cfg)
+    from megalite.model.llama import Llama
+
+    model = Llama(cfg, device="meta")
     vocab_tables = {id(model.embed.weight), id(model.head.weight)}
     return sum(
         p.numel()
         for p in model.parameters()  # yields a tied parameter once
         if not (exclude_embeddings and id(p) in vocab_tables)
     )
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Exact training (forward + backward) matmul FLOPs per token at `seq_len`; see module doc."""
-    d, f, s = cfg.dim, cfg.ffn_dim, seq_len
-    a = cfg.n_heads * cfg.head_dim
-    g = cfg.n_kv_heads * cfg.head_dim
-    projections = 2 * d * a + 2 * 2 * d * g + 2 * a * d  # q, k and v, o
-    mlp = 3 * 2 * d * f  # w1, w3, w2
-    scores_and_mix = 2 * 2 * s * a  # q.k^T and probs @ v over the full s x s
-    head = 2 * d * cfg.vocab_size
-    forward = cfg.n_layers * (projections + mlp + scores_and_mix) + head
-    return float(3 * forward)
-
-
-def flops_per_token_6n(cfg: ModelConfig) -> float:
-    """6 * N with N = non-embedding parameters + the head matrix (counted even when tied)."""
-    n = count_params(cfg, exclude_embeddings=True) + cfg.vocab_size * cfg.dim
-    return float(6 * n)

@@ -34,10 +34,6 @@ def coords_of(global_rank: int, *, tp: int, dp: int, pp: int) -> Coords:
     )
 
 
-def rank_of(coords: Coords, *, tp: int, dp: int) -> int:
-    return coords.pp_rank * (dp * tp) + coords.dp_rank * tp + coords.tp_rank
-
-
 @dataclass
 class ParallelDims:
     """Degrees, this process's coordinates, and (once `build_groups` ran) its process groups."""

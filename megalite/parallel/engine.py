@@ -46,12 +46,8 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
 
 
 def effective_zero_stage(cfg: Config) -> int:
-    """ZeRO partitions over the data-parallel group; with dp=1 there is nothing to partition and
-    stages 1-3 would only add copies (about 9% of a CPU step, measured by
-    tools/bench/throughput_cpu.py), so dp=1 runs stage 0 (except under a pipeline, where
-    DeepSpeed reports the gradient norm only through its ZeRO optimizer)."""
-    p = cfg.parallel
-    return p.zero_stage if p.dp > 1 or p.pp > 1 else 0
+    """The ZeRO stage that runs (config.effective_zero_stage: stage 0 at dp = pp = 1)."""
+    return cfg.parallel.effective_zero_stage
 
 
 def megalite_clips(cfg: Config) -> bool:

@@ -51,11 +51,6 @@ def _reduce_scatter_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tens
     return out  # (b, s / tp, h)
 
 
-def _split_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    n = _size(group)
-    return x.chunk(n, dim=SEQ_DIM)[dist.get_group_rank(group, dist.get_rank())].contiguous()
-
-
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -99,17 +94,6 @@ class _ReduceScatterSeq(torch.autograd.Function):
         return _all_gather_seq(grad, ctx.group), None
 
 
-class _ScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _split_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _all_gather_seq(grad, ctx.group), None
-
-
 def copy_to_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return x if _size(group) == 1 else _CopyToTP.apply(x, group)
 
@@ -124,11 +108,6 @@ def gather_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 def reduce_scatter_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return x if _size(group) == 1 else _ReduceScatterSeq.apply(x, group)
-
-
-def scatter_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """This rank's chunk of the sequence; the backward all-gathers the gradient."""
-    return x if _size(group) == 1 else _ScatterSeq.apply(x, group)
 
 
 def sync_grad(weight: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

@@ -9,13 +9,13 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from megalite.config import ModelConfig
+from megalite.model.flops import flops_per_token, flops_per_token_6n, param_count
 from megalite.plan import report, scaling
 from megalite.plan.errors import PlanError, require_positive
 from megalite.plan.gpus import GPU, resolve_gpu
 from megalite.plan.layout import Estimate, Layout, estimate, search
 from megalite.plan.memory import HostMemory, StageMemory, host_memory
 from megalite.plan.presets import load_preset
-from megalite.plan.shape import flops_per_token, flops_per_token_6n, param_count
 from megalite.plan.throughput import Network
 
 SECONDS_PER_DAY = 86400.0

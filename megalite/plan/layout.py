@@ -15,6 +15,7 @@ from megalite.config import (
     ModelConfig,
     ParallelConfig,
     TrainerConfig,
+    effective_zero_stage,
     validate_parallel,
     validate_trainer,
 )
@@ -51,8 +52,8 @@ class Layout:
 
     @property
     def effective_zero(self) -> int:
-        """engine.effective_zero_stage: with dp = pp = 1 there is nothing to shard; ZeRO 0 runs."""
-        return self.zero if self.dp > 1 or self.pp > 1 else 0
+        """The stage that runs (config.effective_zero_stage: ZeRO 0 at dp = pp = 1)."""
+        return effective_zero_stage(self.zero, dp=self.dp, pp=self.pp)
 
     def label(self) -> str:
         sp = " sp" if self.sp else ""

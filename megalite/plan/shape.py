@@ -1,11 +1,6 @@
-"""Parameter counts, FLOPs per token, and each rank's parameter tensors, from a `ModelConfig`'s
-shape alone: pure arithmetic, so every planning command answers in milliseconds.
-
-`param_count`, `flops_per_token` and `flops_per_token_6n` restate megalite/model/flops.py, whose
-module imports torch (two seconds, the whole budget of a planning command); tests/plan/test_shape.py
-proves the two agree for every preset and several sequence lengths. Conventions are flops.py's
-(Megatron-LM's and PaLM's): a multiply-add is 2 FLOPs, training is 3x forward, only matmuls count,
-causal attention is counted over the full s x s score matrix.
+"""Each rank's parameter tensors, from a `ModelConfig`'s shape alone: pure arithmetic (as the
+parameter counts and FLOPs of megalite/model/flops.py are), so every planning command answers in
+milliseconds, without torch.
 
 `stage_tensors` lists the parameters one rank holds after megalite/parallel shards the model:
 tensor parallelism by placement's own cut (`block_shards`, `vocab_shard`: q/kv/o heads, the fused
@@ -20,54 +15,8 @@ import math
 from dataclasses import dataclass
 
 from megalite.config import ModelConfig
+from megalite.model.flops import widths
 from megalite.parallel.placement import block_shards, kv_replicas, vocab_shard
-
-
-def _widths(cfg: ModelConfig) -> tuple[int, int]:
-    """(q width a = n_heads * head_dim, kv width g = n_kv_heads * head_dim)."""
-    return cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-
-
-def block_params(cfg: ModelConfig) -> int:
-    """Parameters of one transformer block: wq wk wv wo, w1 w2 w3, two norm gains."""
-    d, f = cfg.dim, cfg.ffn_dim
-    a, g = _widths(cfg)
-    return d * a + 2 * d * g + a * d + 3 * d * f + 2 * d
-
-
-def param_count(cfg: ModelConfig, *, exclude_embeddings: bool = False) -> int:
-    """Parameters of `Llama(cfg)`, tied weights once; `exclude_embeddings` drops every vocab x dim
-    matrix (Kaplan et al.'s non-embedding N). Equals megalite.model.count_params."""
-    vocab_tables = (1 if cfg.tie_embeddings else 2) * cfg.vocab_size * cfg.dim
-    body = cfg.n_layers * block_params(cfg) + cfg.dim  # + final norm
-    return body if exclude_embeddings else body + vocab_tables
-
-
-def layer_flops_fwd(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward matmul FLOPs per token of one block: projections, MLP, scores and mix."""
-    d, f = cfg.dim, cfg.ffn_dim
-    a, g = _widths(cfg)
-    return 2 * d * a + 2 * 2 * d * g + 2 * a * d + 3 * 2 * d * f + attention_flops_fwd(cfg, seq_len)
-
-
-def attention_flops_fwd(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of the attention core (q.k^T and probs @ v over the full s x s)."""
-    return 2 * 2 * seq_len * _widths(cfg)[0]
-
-
-def head_flops_fwd(cfg: ModelConfig) -> float:
-    return 2 * cfg.dim * cfg.vocab_size
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Exact training matmul FLOPs per token at `seq_len`; equals megalite.model.flops_per_token."""
-    return float(3 * (cfg.n_layers * layer_flops_fwd(cfg, seq_len) + head_flops_fwd(cfg)))
-
-
-def flops_per_token_6n(cfg: ModelConfig) -> float:
-    """6N with N = non-embedding parameters + the head matrix; equals megalite's 6N figure."""
-    return float(6 * (param_count(cfg, exclude_embeddings=True) + cfg.vocab_size * cfg.dim))
-
 
 # ---------------------------------------------------------------------------------------------
 # What one rank holds
@@ -91,7 +40,7 @@ def stage_blocks(n_layers: int, pp: int, stage: int) -> range:
 def _block_matrices(cfg: ModelConfig, index: int) -> dict[str, tuple[int, int]]:
     """The full shapes of block `index`'s weight matrices, by plain name."""
     d, f = cfg.dim, cfg.ffn_dim
-    a, g = _widths(cfg)
+    a, g = widths(cfg)
     p = f"layers.{index}."
     shapes = {"attn.wq": (a, d), "attn.wk": (g, d), "attn.wv": (g, d), "attn.wo": (d, a)}
     shapes |= {"mlp.w1": (f, d), "mlp.w3": (f, d), "mlp.w2": (d, f)}

@@ -7,10 +7,10 @@ from collections import defaultdict
 from typing import Any
 
 from megalite.config import ModelConfig
+from megalite.model.flops import param_count
 from megalite.plan import report
 from megalite.plan.gpus import GPU
 from megalite.plan.layout import Estimate, Layout, SearchResult
-from megalite.plan.shape import param_count
 
 
 def _state_note(lay: Layout) -> str:

@@ -27,15 +27,14 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from megalite.config import ModelConfig
-from megalite.plan.gpus import GPU
-from megalite.plan.shape import (
+from megalite.model.flops import (
     attention_flops_fwd,
     flops_per_token,
     head_flops_fwd,
     layer_flops_fwd,
-    stage_blocks,
-    stage_param_count,
 )
+from megalite.plan.gpus import GPU
+from megalite.plan.shape import stage_blocks, stage_param_count
 
 if TYPE_CHECKING:
     from megalite.plan.layout import Layout

@@ -25,9 +25,9 @@ from megalite import faults
 from megalite.checkpoint import store, training, universal
 from megalite.checkpoint.background import HostStaging, PendingSave
 from megalite.cluster.signals import StopRequest, signal_name
-from megalite.config import Config, data_sources
+from megalite.config import Config
 from megalite.data.loader import Loader
-from megalite.data.mixture import normalise
+from megalite.data.mixture import configured_sources
 from megalite.data.shards import Retry
 from megalite.data.stream import TokenStream
 from megalite.model.flops import flops_per_token
@@ -102,7 +102,7 @@ class Trainer:
         self.log_file = log_file(run_dir, dims.global_rank)
         self.logbook = logbook
         t = cfg.trainer
-        self.sources = normalise(data_sources(cfg.data))
+        self.sources = configured_sources(cfg.data)
         self.train_data = Loader(
             self._stream("train", shuffle=cfg.data.shuffle),
             workers=cfg.data.workers,

@@ -37,7 +37,8 @@ from megalite.cluster.env import (
 )
 from megalite.cluster.local import local_child
 from megalite.cluster.signals import StopRequest
-from megalite.config import Config, data_sources
+from megalite.config import Config
+from megalite.data.mixture import configured_sources
 from megalite.model import ops
 from megalite.parallel.build import build_model
 from megalite.parallel.dims import ParallelDims
@@ -189,7 +190,7 @@ def _train(
     stop = StopRequest()
     stop.install([signal.SIGUSR1, signal.SIGUSR2] + ([] if local_child() else [signal.SIGTERM]))
     try:
-        data = ", ".join(s.path for s in data_sources(cfg.data))
+        data = ", ".join(s.path for s in configured_sources(cfg.data))
         with startup.phase("data open", waits_for=f"the data at {data} (or a slower peer)"):
             trainer = Trainer(
                 cfg,

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from megalite.data.manifest import load_manifest, read_shard
+from megalite.data.codec import read_shard
+from megalite.data.manifest import load_manifest
 from tests.data.datagen import make_texts
 
 

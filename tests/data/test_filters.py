@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from megalite.data.cli import main
+from megalite.data.errors import DataError
 from megalite.data.filters import symbol_fraction
-from megalite.data.manifest import DataError, load_manifest
+from megalite.data.manifest import load_manifest
 from megalite.data.prepare import prepare
 from tests.data.datagen import make_texts
 from tests.data.helpers import split_documents, split_tokens, write_jsonl

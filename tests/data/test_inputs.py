@@ -13,8 +13,8 @@ import pytest
 import zstandard
 
 from megalite.data.cli import main
+from megalite.data.errors import DataError
 from megalite.data.inputs import find_inputs, read_texts
-from megalite.data.manifest import DataError
 from megalite.data.prepare import prepare
 from tests.data.datagen import make_texts, write_txt
 from tests.data.helpers import folder_files, write_jsonl

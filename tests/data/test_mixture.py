@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from megalite.data.errors import DataError
 from megalite.data.loader import Loader
-from megalite.data.manifest import DataError
 from megalite.data.mixture import SourceSpec, choose
 from megalite.data.prepare import prepare
 from megalite.data.shards import Retry, locate

@@ -17,7 +17,9 @@ import webdataset as wds
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from megalite.data.cli import main
-from megalite.data.manifest import DataError, load_manifest, read_shard
+from megalite.data.codec import read_shard
+from megalite.data.errors import DataError
+from megalite.data.manifest import load_manifest
 from megalite.data.prepare import normalize, prepare
 from tests.data.datagen import SAMPLE_TOKENS, SHARD_TOKENS, make_texts, write_txt
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megalite.data.cli import main
-from megalite.data.manifest import DataError
+from megalite.data.errors import DataError
 from megalite.data.parallel import Workers
 from tests.data.datagen import make_texts
 from tests.data.helpers import folder_files, train_sentencepiece, write_jsonl

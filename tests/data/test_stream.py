@@ -25,7 +25,9 @@ import torch
 
 from megalite.data import shards as shards_module
 from megalite.data import source as source_module
-from megalite.data.manifest import DataError, load_manifest, read_shard
+from megalite.data.codec import read_shard
+from megalite.data.errors import DataError
+from megalite.data.manifest import load_manifest
 from megalite.data.shards import Retry
 from megalite.data.stream import TokenStream, permutation
 
@@ -334,8 +336,8 @@ def test_load_manifest_errors(tmp_path: Path, small_data: Path) -> None:
 
 
 def test_fast_tar_parser_agrees_with_tarfile(small_data: Path) -> None:
-    from megalite.data import manifest
+    from megalite.data import codec
 
     for path in load_manifest(small_data).shards("train")[:3]:
         data = path.read_bytes()
-        assert manifest._tar_members(data) == manifest._tarfile_members(data)
+        assert codec._tar_members(data) == codec._tarfile_members(data)

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
+from megalite.model.flops import flops_per_token, param_count
 from megalite.plan import scaling
 from megalite.plan.cli import main
 from megalite.plan.gpus import KNOWN
 from megalite.plan.presets import load_preset
-from megalite.plan.shape import flops_per_token, param_count
 from tests.helpers import ROOT
 
 ESTIMATE_7B = (

@@ -1,5 +1,6 @@
-"""Parameter counts and FLOPs from the shape: the planner's arithmetic equals megalite.model's,
-the published counts, the Megatron-LM formula for GPT-3 175B, and a count of the matmuls."""
+"""Parameter counts and FLOPs from the shape (megalite/model/flops.py, the planner's and the
+trainer's): the real model's count, the published counts, the Megatron-LM formula for GPT-3
+175B, and a count of the matmuls; each rank's tensors (plan/shape.py) against the built model."""
 
 from __future__ import annotations
 
@@ -8,19 +9,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megalite.config import ModelConfig
-from megalite.model import count_params
-from megalite.model import flops_per_token as model_flops_per_token
-from megalite.model import flops_per_token_6n as model_flops_per_token_6n
+from megalite.model.flops import count_params, flops_per_token, flops_per_token_6n, param_count
 from megalite.model.llama import Llama, cross_entropy
 from megalite.plan.layout import Layout
 from megalite.plan.presets import load_preset, preset_names
-from megalite.plan.shape import (
-    flops_per_token,
-    flops_per_token_6n,
-    param_count,
-    stage_param_count,
-    stage_tensors,
-)
+from megalite.plan.shape import stage_param_count, stage_tensors
 from megalite.plan.throughput import stage_flops_per_token
 from tests.model.test_presets import NAMES, PUBLISHED
 
@@ -30,13 +23,10 @@ def test_presets_are_the_training_presets() -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_counts_and_flops_equal_megalite_model(name: str) -> None:
+def test_counts_equal_the_real_models(name: str) -> None:
     cfg = load_preset(name)
     assert param_count(cfg) == count_params(cfg)
     assert param_count(cfg, exclude_embeddings=True) == count_params(cfg, exclude_embeddings=True)
-    for seq_len in (1, 256, 2048, cfg.max_seq_len):
-        assert flops_per_token(cfg, seq_len) == model_flops_per_token(cfg, seq_len)
-    assert flops_per_token_6n(cfg) == model_flops_per_token_6n(cfg)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
