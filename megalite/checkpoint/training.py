@@ -38,6 +38,7 @@ import torch.distributed as dist
 from megalite import faults
 from megalite.checkpoint import store
 from megalite.checkpoint.background import CapturedWrites, HostStaging, PendingSave
+from megalite.parallel import deepspeed_compat
 
 log = logging.getLogger("megalite")
 W = TypeVar("W")
@@ -246,18 +247,19 @@ def _swapped_checkpoint_engine(engine: Any, stand_in: Callable[[Any], W]) -> Ite
     """The engine's checkpoint engine replaced by `stand_in(it)` for the duration. DeepSpeed's
     copy of its recovery scripts (zero_to_fp32.py, by rank 0 only) records a failure in the
     stand-in's `failure` instead of raising on rank 0 alone."""
-    inner, copy_scripts = engine.checkpoint_engine, engine._copy_recovery_script
+    inner = engine.checkpoint_engine
+    copy_scripts = deepspeed_compat.recovery_script_copier(engine)
     engine.checkpoint_engine = writes = stand_in(inner)
 
     def copy_or_record(save_path: str) -> None:
         writes.failure = writes.failure or _attempt(copy_scripts, save_path, writing=save_path)
 
-    engine._copy_recovery_script = copy_or_record
+    deepspeed_compat.replace_recovery_script_copier(engine, copy_or_record)
     try:
         yield writes
     finally:
         engine.checkpoint_engine = inner
-        del engine._copy_recovery_script
+        deepspeed_compat.replace_recovery_script_copier(engine, None)
 
 
 def _hash_shares(tmp: Path, *, global_rank: int) -> tuple[dict[str, Any], str | None]:

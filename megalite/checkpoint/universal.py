@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from megalite.checkpoint import store, training
+from megalite.parallel import deepspeed_compat
 from megalite.parallel.placement import Piece, TPShard, shard_of
 
 log = logging.getLogger("megalite")
@@ -192,8 +193,7 @@ def load_universal(
         place(p, values)
     log.info("layout-free resume: read %d bytes of %s (this rank's slices)", read, ckpt)
     if hasattr(engine.optimizer, "fp32_partitioned_groups_flat"):  # ZeRO 3: module ← fp32
-        for group in range(len(engine.optimizer.fp16_groups)):
-            engine.optimizer._reassign_or_swap_out_partitioned_parameters(group)
+        deepspeed_compat.refresh_zero3_partitions(engine.optimizer)
     if meta.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
         # The schedule writes the lr into the optimizer only when it steps: do it now.
@@ -230,8 +230,7 @@ def _placer(optimizer: Any, *, step: float) -> Placer:
         for flat in zero_flats:
             optimizer.optimizer.state[flat] = adam_state(flat)
         if hasattr(optimizer, "single_partition_of_fp32_groups"):
-            optimizer._hp_optimizer_states_linked = False
-            optimizer._lazy_init_hp_params_optimizer_state()
+            deepspeed_compat.relink_zero12_optimizer_state(optimizer)
 
         def place_zero(p: torch.nn.Parameter, values: dict[str, torch.Tensor]) -> None:
             if not hasattr(p, "ds_shape"):  # ZeRO 3 copies all fp32 partitions in at the end

@@ -12,6 +12,7 @@ it is drawn, so a rank never holds more than its partitions plus one block. With
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 
@@ -187,5 +188,18 @@ def zero3_partitioner(cfg: Config, dims: ParallelDims):
             dtype=dtype,
             mpu=mpu,
         )
+        release_freed_memory()
 
     return partition
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free memory back to the OS (glibc's malloc_trim, every arena). Without
+    it the blocks freed after partitioning could stay with the process: at 760m dp2 ZeRO-3 one
+    rank in some runs held 0.9 GiB (0.6x its share) more at its build peak. A no-op where glibc
+    is not the allocator."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -4,7 +4,8 @@ anonymous memory (polled, as tools/bench/startup.py measures it) above its basel
 
 - through the build, within 1.3× its share of the fp32 weights (its TP slice of its stage, or
   its ZeRO-3 partitions). Before, every rank drew the whole model first (3 GB each).
-  Measured: 1.11× (tp2 × pp2), 1.24× (dp2 ZeRO-3: one block drawn whole before it is partitioned).
+  Measured: 1.11× (tp2 × pp2), 1.13× (dp2 ZeRO-3: one block drawn whole before it is
+  partitioned; without build.release_freed_memory a rank reached 1.6-1.8× in some runs).
 - through the engine set-up, within what the planner counts for the rank's own parameters
   (megalite.plan.memory: weights, gradients, optimizer state and the step's fp32 copies): DeepSpeed
   allocates the fp32 master and the Adam moments of its partition there, and nothing of any
