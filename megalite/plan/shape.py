@@ -75,12 +75,13 @@ def vocab_rows(cfg: ModelConfig, tp: int) -> int:
 def block_tensors(cfg: ModelConfig, tp: int, index: int) -> list[RankTensor]:
     """Block `index`'s parameters on one TP rank (all TP ranks hold equal sizes)."""
     p = f"layers.{index}."
+    shapes = _tp_shapes(cfg, tp, index)
     out = []
     for part in ("attn", "mlp"):  # the model's order: each part's norm gain, then its matrices
         out.append(RankTensor(f"{p}{part}_norm.weight", cfg.dim, 1))
         out += [
             RankTensor(f"{p}{module}.weight", math.prod(shape), len(shape))
-            for module, shape in _tp_shapes(cfg, tp, index).items()
+            for module, shape in shapes.items()
             if module.startswith(part + ".")
         ]
     return out
