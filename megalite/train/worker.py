@@ -40,11 +40,16 @@ from megalite.cluster.signals import StopRequest
 from megalite.config import Config
 from megalite.data.mixture import configured_sources
 from megalite.model import ops
+from megalite.model.llama import cross_entropy
 from megalite.parallel.build import build_model
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine, effective_zero_stage
+from megalite.parallel.parallelize import LossFn
+from megalite.train.anomaly import AnomalyPolicy
+from megalite.train.checkpointer import Checkpointer
 from megalite.train.logbook import Logbook, log_file
 from megalite.train.memory_check import MemoryCheck
+from megalite.train.streams import rank_stream, train_loader
 from megalite.train.trainer import Trainer
 from megalite.train.watchdog import StartupWatchdog
 
@@ -192,7 +197,7 @@ def _train(
     try:
         data = ", ".join(s.path for s in configured_sources(cfg.data))
         with startup.phase("data open", waits_for=f"the data at {data} (or a slower peer)"):
-            trainer = Trainer(
+            trainer = make_trainer(
                 cfg,
                 engine=engine,
                 scheduler=scheduler,
@@ -213,6 +218,46 @@ def _train(
     finally:
         memory.close()
         logbook.close()
+
+
+def make_trainer(
+    cfg: Config,
+    *,
+    engine: Any,
+    scheduler: Any,
+    dims: ParallelDims,
+    device: torch.device,
+    run_dir: Path,
+    logbook: Logbook,
+    loss_fn: LossFn = cross_entropy,
+    stop: StopRequest | None = None,
+    memory_check: MemoryCheck | None = None,
+) -> Trainer:
+    """The loop with what it leans on: this rank's data, its checkpoints under
+    `run_dir/checkpoints`, the anomaly policy. Collective (the checkpointer's set-up)."""
+    checkpointer = Checkpointer(
+        cfg,
+        engine=engine,
+        dims=dims,
+        root=run_dir / "checkpoints",
+        wandb_run_id=logbook.wandb_run_id,
+    )
+    return Trainer(
+        cfg,
+        engine=engine,
+        scheduler=scheduler,
+        dims=dims,
+        device=device,
+        train_data=train_loader(cfg, dims, device),
+        val_data=rank_stream(cfg, dims, "val", shuffle=False),
+        checkpointer=checkpointer,
+        anomalies=AnomalyPolicy(cfg.trainer),
+        logbook=logbook,
+        hang_log=log_file(run_dir, dims.global_rank),
+        loss_fn=loss_fn,
+        stop=stop,
+        memory_check=memory_check,
+    )
 
 
 def _log_layout(cfg: Config, dims: ParallelDims, device: torch.device) -> None:

@@ -61,8 +61,7 @@ from megalite.parallel.build import build_model
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine
 from megalite.train.logbook import Logbook
-from megalite.train.trainer import Trainer
-from megalite.train.worker import quiet_known_warnings
+from megalite.train.worker import make_trainer, quiet_known_warnings
 from tools.bench.data import evict
 
 DEFAULTS = [
@@ -110,30 +109,31 @@ def measure_rank(cfg: Config, dims: ParallelDims, device: torch.device) -> dict[
     module, loss_fn = build_model(cfg, dims, device)
     engine, scheduler = build_engine(module, cfg, dims)
     run_dir = Path(cfg.trainer.run_dir)
-    trainer = Trainer(
+    trainer = make_trainer(
         cfg, engine=engine, scheduler=scheduler, dims=dims, device=device, run_dir=run_dir,
         logbook=Logbook(run_dir, enabled=False), loss_fn=loss_fn,
     )  # fmt: skip
     trainer.train_step()  # the optimizer state exists
-    group, trainer.save_group = trainer.save_group, None  # None: the synchronous save
+    checkpoints = trainer.checkpoints
+    group, checkpoints.save_group = checkpoints.save_group, None  # None: the synchronous save
     assert group is not None, "trainer.async_save=true builds the background saves' group"
     sync_s = _timed(trainer.save)
-    ckpt = trainer.last_checkpoint
+    ckpt = checkpoints.last
     assert ckpt is not None
     nbytes, nfiles = _bytes_of(ckpt)
 
-    trainer.save_group = group
+    checkpoints.save_group = group
     first_s = _timed(trainer.save)  # the host buffers are allocated
-    first_wait_s = _timed(trainer.finish_save)
+    first_wait_s = _timed(checkpoints.finish)
     later = []  # the buffers reused, as at every later save of a run
     for _ in range(REPEATS):
-        later.append((_timed(trainer.save), _timed(trainer.finish_save)))
+        later.append((_timed(trainer.save), _timed(checkpoints.finish)))
     blocked_s = statistics.median(b for b, _ in later)
     wait_s = statistics.median(w for _, w in later)
     step_s = _timed(trainer.train_step)  # no save in flight
     trainer.save()
     busy_step_s = _timed(trainer.train_step)  # the background write goes on meanwhile
-    trainer.finish_save()
+    checkpoints.finish()
 
     raw = run_dir / f"raw_{dims.global_rank}.bin"
     raw_s = _timed(_raw_write, raw, nbytes // dims.world_size)

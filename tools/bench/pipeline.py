@@ -83,8 +83,7 @@ from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine, effective_zero_stage
 from megalite.parallel.pipeline import bubble_fraction
 from megalite.train.logbook import Logbook
-from megalite.train.trainer import Trainer
-from megalite.train.worker import quiet_known_warnings
+from megalite.train.worker import make_trainer, quiet_known_warnings
 
 DEFAULTS = [
     "model=tiny",
@@ -217,7 +216,7 @@ def measure_rank(cfg: Config, dims: ParallelDims, *, steps: int) -> dict[str, An
     module, loss_fn = build_model(cfg, dims, CPU)
     engine, scheduler = build_engine(module, cfg, dims)
     run_dir = Path(cfg.trainer.run_dir or tempfile.gettempdir())
-    trainer = Trainer(
+    trainer = make_trainer(
         cfg, engine=engine, scheduler=scheduler, dims=dims, device=CPU, run_dir=run_dir,
         logbook=Logbook(run_dir, enabled=False), loss_fn=loss_fn,
     )  # fmt: skip

@@ -33,8 +33,7 @@ from megalite.model.llama import Llama, cross_entropy
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine, build_optimizer, effective_zero_stage
 from megalite.train.logbook import Logbook
-from megalite.train.trainer import Trainer
-from megalite.train.worker import seed_everything
+from megalite.train.worker import make_trainer, seed_everything
 
 DEFAULTS = [
     "model=tiny",
@@ -78,7 +77,7 @@ def megalite_loop(cfg, run_dir: Path):
     dims = ParallelDims(tp=1, pp=1, dp=1, global_rank=0)
     dims.build_groups()
     engine, scheduler = build_engine(Llama(cfg.model, seed=cfg.trainer.seed), cfg, dims)
-    trainer = Trainer(
+    trainer = make_trainer(
         cfg, engine=engine, scheduler=scheduler, dims=dims, device=torch.device("cpu"),
         run_dir=run_dir, logbook=Logbook(run_dir, enabled=False),
     )  # fmt: skip
