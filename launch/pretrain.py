@@ -1,7 +1,7 @@
 """megalite pretraining entry point: `python launch/pretrain.py [group=option ...] [key=value ...]`.
 
 Nothing but wiring: Hydra composes `conf/pretrain.yaml` against the schemas in megalite/config.py,
-then megalite.cluster.launch validates and starts the workers. A bad config exits with status 2 and
+then megalite.launch validates and starts the workers. A bad config exits with status 2 and
 one line naming the fix; a failed run exits with status 1 and the failing rank's error.
 """
 
@@ -18,8 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from megalite.cli_errors import exit_on_error
-from megalite.cluster.launch import check_overrides, launch, to_config
 from megalite.config import register_configs
+from megalite.launch import check_overrides, launch, to_config
 
 register_configs()
 

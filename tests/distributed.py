@@ -34,8 +34,8 @@ def deepspeed_dp_rank(rank: int, world: int) -> Any:
 
     import torch
 
-    from megalite.cluster.env import join_deepspeed
     from megalite.parallel.dims import ParallelDims
+    from megalite.rank.env import join_deepspeed
     from megalite.train.worker import quiet_known_warnings
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megalite.cluster.launch import CONF_DIR as CONF
-from megalite.cluster.launch import compose_config
 from megalite.config import Config
+from megalite.launch import CONF_DIR as CONF
+from megalite.launch import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 __all__ = [

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from megalite.checkpoint.store import CheckpointError
-from megalite.cluster.launch import check_overrides, prepare_run
 from megalite.config import ConfigError, TrainerConfig, doubtful
 from megalite.data.errors import DataError
+from megalite.launch import check_overrides, prepare_run
 from tests.helpers import CONF, ROOT, compose_config
 
 GROUPS = ["model", "data", "parallel", "optim", "trainer", "logging", "kernels"]

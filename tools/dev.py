@@ -33,6 +33,7 @@ PINNED = [
     "tqdm==4.70.1",
     "pytest==9.2.0",
     "ruff==0.17.6",
+    "import-linter==2.17",  # the layering contract in pyproject.toml
     "safetensors==0.8.0",
     "matplotlib==3.11.2",
     "submitit==1.5.4",
@@ -111,6 +112,7 @@ def demo(extra: list[str]) -> None:
 def test(extra: list[str]) -> None:
     run(python(), "-m", "ruff", "check", ".")
     run(python(), "-m", "ruff", "format", "--check", ".")
+    run(VENV / "bin" / "lint-imports")  # the package layers (pyproject.toml [tool.importlinter])
     run(python(), "-m", "pytest", "-q", "-rs", *extra)  # -rs: each skip's reason
 
 

@@ -174,7 +174,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from megalite.cluster.env import name_deepspeed_accelerator
+    from megalite.rank.env import name_deepspeed_accelerator
 
     args = parser().parse_args(argv)
     name_deepspeed_accelerator()  # before a ZeRO checkpoint's unpickling imports DeepSpeed

@@ -5,8 +5,8 @@ so the worker code is the same whether megalite, torchrun or srun started it. If
 with an error, the others are terminated and the first error is re-raised in the parent: nothing
 is left waiting in a collective. A child that finished exits at once (`os._exit(0)`), without the
 interpreter's teardown. A child that ends itself on purpose with a message for the user (a start-up
-phase past its deadline) leaves the message in `MEGALITE_FAILURE_DIR` (`report_failure`), and the
-launcher stops the job with that one line; a child killed by a signal is named (`RankExited`).
+phase past its deadline) leaves the message in `MEGALITE_FAILURE_DIR` (see rank/launcher.py), and
+the launcher stops the job with that one line; a child killed by a signal is named (`RankExited`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from megalite.rank.launcher import FAILURE_DIR, LOCAL_CHILD
+
 log = logging.getLogger(__name__)
 SERVER = "megalite.cluster.forkserver"  # what the ranks' server imports once (see that module)
 SERVER_IGNORES = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 GRACE_S = 3.0
-FAILURE_DIR = "MEGALITE_FAILURE_DIR"
-STARTUP_EXIT = 3  # a rank's start-up phase ran past trainer.startup_timeout (train/watchdog.py)
 
 
 class RankExited(RuntimeError):
@@ -52,15 +52,6 @@ def _exited(e: mp.ProcessExitedException, failures: Path) -> RankExited:
     )
 
 
-def report_failure(message: str) -> None:
-    """Leave `message` for the launcher that started this rank, if it is megalite's own (srun's
-    and torchrun's ranks say it on stderr and in their logs)."""
-    folder = os.environ.get(FAILURE_DIR)
-    if folder:
-        rank = os.environ.get("RANK", "0")
-        (Path(folder) / f"rank_{int(rank):05d}.txt").write_text(message)
-
-
 def _first_report(folder: Path) -> str | None:
     reports = sorted(folder.glob("rank_*.txt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
     return reports[0].read_text() if reports else None
@@ -81,8 +72,7 @@ def _child(
     args: tuple,
 ) -> None:
     os.environ.update(
-        MEGALITE_LOCAL_CHILD="1",
-        MEGALITE_FAILURE_DIR=failures,
+        **{LOCAL_CHILD: "1", FAILURE_DIR: failures},
         RANK=str(local_rank),
         WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(local_rank),
@@ -97,11 +87,6 @@ def _child(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def local_child() -> bool:
-    """True in a rank this module started (not one of srun's or torchrun's)."""
-    return os.environ.get("MEGALITE_LOCAL_CHILD") == "1"
 
 
 def start_processes(
@@ -138,7 +123,7 @@ def spawn(fn: Callable[..., Any], *, nprocs: int, args: tuple = ()) -> None:
     """Run `fn(*args)` in `nprocs` new processes (`start_processes`) and wait for all.
 
     SIGTERM, SIGUSR1 or SIGUSR2 sent to this process asks the ranks to checkpoint and stop
-    (see cluster/signals.py): it is passed on to them, SIGTERM as SIGUSR1, since a child's SIGTERM
+    (see rank/signals.py): it is passed on to them, SIGTERM as SIGUSR1, since a child's SIGTERM
     is what ends it when a sibling has failed.
     """
     port = free_port()

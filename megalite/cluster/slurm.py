@@ -8,7 +8,7 @@ On the nodes (`SlurmTask.__call__`, once per task): torch.distributed is set up 
 JobEnvironment — rank and local rank from the task ids, the master address from the job's first
 node, a port derived from the job id — and the task trains as one rank. When SLURM warns of the
 time limit or a preemption (SIGUSR2, or SIGTERM), every rank checkpoints at the next step
-boundary (cluster/signals.py) and rank 0 requeues the job; the requeued job (SLURM_RESTART_COUNT
+boundary (rank/signals.py) and rank 0 requeues the job; the requeued job (SLURM_RESTART_COUNT
 > 0) resumes from the run's latest checkpoint, up to `cluster.max_requeues` times. A rank that
 dies (kill -9, a lost node, a crash) breaks the others' next collective: a rank that sees its
 collective fail that way (`peer_failed`) requeues the job the same way, so it resumes from the
@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from megalite.checkpoint import store
-from megalite.cluster.env import slurm_master_port
 from megalite.config import Config, ConfigError, slurm_minutes
+from megalite.rank.env import slurm_master_port
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUEUED = 3  # exit status of a task whose job was requeued: no result, the next run gives it

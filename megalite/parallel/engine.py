@@ -17,7 +17,7 @@ from torch import nn
 
 from megalite.config import Config
 from megalite.parallel.dims import DeepSpeedMPU, ParallelDims
-from megalite.train.schedule import build_scheduler
+from megalite.parallel.schedule import build_scheduler
 
 
 def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict[str, Any]]:

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megalite.cluster.signals import StopRequest, signal_name
 from megalite.config import Config
 from megalite.data.loader import Loader
 from megalite.model.flops import flops_per_token
@@ -29,6 +28,7 @@ from megalite.parallel.dims import ParallelDims
 from megalite.parallel.discard import discarded_update, judge_before_step
 from megalite.parallel.engine import megalite_clips
 from megalite.parallel.parallelize import LossFn
+from megalite.rank.signals import StopRequest, signal_name
 from megalite.train import metrics
 from megalite.train.anomaly import Anomaly, AnomalyPolicy
 from megalite.train.checkpointer import Checkpointer
@@ -323,7 +323,7 @@ class Trainer:
         self._pairs = pairs(self._batches)
 
     def _stop_on(self, signum: int) -> dict[str, Any]:
-        """A stop request (see cluster/signals.py): checkpoint this step and stop here."""
+        """A stop request (see rank/signals.py): checkpoint this step and stop here."""
         log.info("%s at step %d: checkpointing, then stopping", signal_name(signum), self.step)
         self._save_unless_saved()
         return {"stopped_by": signal_name(signum), "step": self.step}

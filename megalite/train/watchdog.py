@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from megalite import faults
-from megalite.cluster.local import STARTUP_EXIT, report_failure
+from megalite.rank.launcher import STARTUP_EXIT, report_failure
 
 log = logging.getLogger("megalite")
 
@@ -54,7 +54,7 @@ class StartupWatchdog:
     a stale build lock, a file system that does not answer — and nothing else would ever say so:
     the hang watchdog only starts with the loop. The rank then logs the phase and what it waits
     for (`waits_for`, evaluated then: it may look at the disk), dumps its stacks into its log,
-    hands the line to the launcher (`cluster.local.report_failure`) and exits `STARTUP_EXIT`.
+    hands the line to the launcher (`rank.launcher.report_failure`) and exits `STARTUP_EXIT`.
     A thread does this, not a signal, since the main thread may be blocked inside C code.
     """
 

@@ -24,7 +24,15 @@ import numpy as np
 import torch
 
 from megalite.checkpoint import store
-from megalite.cluster.env import (
+from megalite.config import Config
+from megalite.data.mixture import configured_sources
+from megalite.model import ops
+from megalite.model.llama import cross_entropy
+from megalite.parallel.build import build_model
+from megalite.parallel.dims import ParallelDims
+from megalite.parallel.engine import build_engine, effective_zero_stage
+from megalite.parallel.parallelize import LossFn
+from megalite.rank.env import (
     DistEnv,
     backend_of,
     extension_locks,
@@ -35,16 +43,8 @@ from megalite.cluster.env import (
     pick_device,
     release_distributed,
 )
-from megalite.cluster.local import local_child
-from megalite.cluster.signals import StopRequest
-from megalite.config import Config
-from megalite.data.mixture import configured_sources
-from megalite.model import ops
-from megalite.model.llama import cross_entropy
-from megalite.parallel.build import build_model
-from megalite.parallel.dims import ParallelDims
-from megalite.parallel.engine import build_engine, effective_zero_stage
-from megalite.parallel.parallelize import LossFn
+from megalite.rank.launcher import local_child
+from megalite.rank.signals import StopRequest
 from megalite.train.anomaly import AnomalyPolicy
 from megalite.train.checkpointer import Checkpointer
 from megalite.train.logbook import Logbook, log_file

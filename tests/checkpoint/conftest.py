@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from megalite.cluster.launch import launch
+from megalite.launch import launch
 from tests.helpers import short_job
 
 THREE_D = ["parallel.tp=2", "parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=1"]

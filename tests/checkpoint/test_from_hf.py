@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 from megalite.checkpoint.cli import main as convert_main
 from megalite.checkpoint.universal import read_tensor
-from megalite.cluster.launch import launch
 from megalite.config import ModelConfig
 from megalite.data.stream import TokenStream
+from megalite.launch import launch
 from megalite.model.llama import Llama, cross_entropy
 from tests.helpers import compose_config, train_losses
 

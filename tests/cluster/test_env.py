@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megalite.cluster.env import DistEnv, from_environ, slurm_master_port
+from megalite.rank.env import DistEnv, from_environ, slurm_master_port
 
 
 def test_torchrun_variables() -> None:

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from megalite.checkpoint import store
 from megalite.cluster import slurm
-from megalite.cluster.launch import launch, prepare_run
+from megalite.launch import launch, prepare_run
 from tests.helpers import ROOT, compose_config, read_metrics, short_job_overrides, train_losses
 
 STEPS = 40  # long enough for a signal to land mid-run

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from megalite import faults
 from megalite.checkpoint import store, training
-from megalite.cluster.launch import launch
+from megalite.launch import launch
 from tests.helpers import ROOT, short_job, short_job_overrides, train_losses
 
 STEPS = 8

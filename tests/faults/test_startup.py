@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from megalite import launch as launch_module
 from megalite.checkpoint import store
-from megalite.cluster import launch as launch_module
 from megalite.cluster.local import RankExited
 from tests.faults.test_ranks import ROOT, job
 from tests.helpers import read_metrics, short_job

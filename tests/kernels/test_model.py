@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megalite.cluster.launch import launch
+from megalite.launch import launch
 from megalite.model import ops
 from megalite.model.llama import Llama
 from tests.helpers import compose_config, read_metrics, short_job, train_losses

@@ -80,11 +80,11 @@ def _live_parameter_bytes() -> int:
 
 
 def _rank(rank: int, world_size: int, out_dir: str) -> None:
-    from megalite.cluster.env import join_deepspeed
     from megalite.model.llama import Llama
     from megalite.parallel.build import build_model
     from megalite.parallel.dims import ParallelDims
     from megalite.parallel.engine import build_engine
+    from megalite.rank.env import join_deepspeed
     from megalite.train.worker import quiet_known_warnings
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))

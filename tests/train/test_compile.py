@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from megalite.cluster.launch import launch
+from megalite.launch import launch
 from tests.helpers import short_job, train_losses
 
 

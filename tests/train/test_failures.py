@@ -13,7 +13,7 @@ import pytest
 
 from megalite.checkpoint import store
 from megalite.checkpoint.store import CheckpointError
-from megalite.cluster.launch import launch, prepare_run
+from megalite.launch import launch, prepare_run
 from tests.helpers import ROOT, compose_config
 
 BASE = [

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from megalite.cluster.launch import launch
 from megalite.config import Config
 from megalite.data.stream import TokenStream
+from megalite.launch import launch
 from megalite.model.llama import Llama, cross_entropy
 from megalite.parallel.engine import build_optimizer
-from megalite.train.schedule import build_scheduler
+from megalite.parallel.schedule import build_scheduler
 from tests.helpers import short_job, train_losses
 
 STEPS = 10

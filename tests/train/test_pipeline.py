@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megalite.cluster.launch import launch
+from megalite.launch import launch
 from tests.helpers import train_losses
 from tests.train.test_parity import STEPS, assert_losses_close, job_config, reference_losses
 

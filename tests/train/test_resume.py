@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from megalite.checkpoint import store
-from megalite.cluster.launch import launch
+from megalite.launch import launch
 from tests.helpers import read_metrics, short_job, train_losses
 
 N = 4

@@ -53,13 +53,13 @@ if not torch.cuda.is_available():  # before any DeepSpeed import, here and in th
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from megalite.checkpoint import store, training
-from megalite.cluster.env import from_environ, init_distributed, pick_device
-from megalite.cluster.launch import compose_config, prepare_run
 from megalite.cluster.local import spawn
 from megalite.config import Config
+from megalite.launch import compose_config, prepare_run
 from megalite.parallel.build import build_model
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine
+from megalite.rank.env import from_environ, init_distributed, pick_device
 from megalite.train.logbook import Logbook
 from megalite.train.worker import make_trainer, quiet_known_warnings
 from tools.bench.data import evict

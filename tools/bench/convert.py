@@ -94,7 +94,7 @@ from megalite.parallel import parallelize
 from megalite.parallel.engine import build_optimizer, deepspeed_config
 from megalite.parallel.pipeline import PARTITION_METHODS
 from megalite.parallel.placement import TPShard
-from megalite.train.schedule import build_scheduler
+from megalite.parallel.schedule import build_scheduler
 
 POOL = 16_777_259  # a prime just above 2**24: the period of every generated tensor
 SCALE = {"param": 0.02, "exp_avg": 1e-3, "exp_avg_sq": 1e-3}  # exp_avg_sq is squared: ~1e-6
@@ -519,7 +519,7 @@ def plain_shapes(cfg: Config) -> dict[str, torch.Size]:
 
 
 def bench_config(model: str, tp: int, pp: int, dp: int) -> Config:
-    from megalite.cluster.launch import compose_config
+    from megalite.launch import compose_config
 
     return compose_config(
         [
@@ -580,7 +580,7 @@ def check(real: Path, workdir: Path, seed: int) -> bool:
     """Generate a checkpoint like `real` and compare; prints one line per check."""
     from omegaconf import OmegaConf
 
-    from megalite.cluster.launch import to_config
+    from megalite.launch import to_config
 
     problems: list[str] = []
 

@@ -34,11 +34,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from megalite.cluster.launch import compose_config
 from megalite.data.loader import Loader
 from megalite.data.manifest import load_manifest
 from megalite.data.prepare import prepare
 from megalite.data.stream import TokenStream
+from megalite.launch import compose_config
 from megalite.model.flops import flops_per_token
 
 H100_BF16 = 989e12  # dense bf16 datasheet peak, FLOP/s

@@ -121,7 +121,7 @@ def main() -> None:
         base, steps, warmup, variants = GPU_DEFAULTS, args.steps, args.warmup, VARIANTS
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     ceiling = matmul_ceiling(device) if device.type == "cuda" else None
-    from megalite.cluster.launch import compose_config
+    from megalite.launch import compose_config
     from megalite.model.flops import flops_per_token
 
     cfg = compose_config([*base, *overrides])

@@ -74,14 +74,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before any DeepSpeed import, h
 import torch
 import torch.distributed as dist
 
-from megalite.cluster.env import from_environ, init_distributed
-from megalite.cluster.launch import compose_config, prepare_run
 from megalite.cluster.local import spawn
 from megalite.config import Config, validate
+from megalite.launch import compose_config, prepare_run
 from megalite.parallel.build import build_model
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine, effective_zero_stage
 from megalite.parallel.pipeline import bubble_fraction
+from megalite.rank.env import from_environ, init_distributed
 from megalite.train.logbook import Logbook
 from megalite.train.worker import make_trainer, quiet_known_warnings
 

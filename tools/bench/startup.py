@@ -51,15 +51,15 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before any DeepSpeed import, h
 import torch
 import torch.distributed as dist
 
-from megalite.cluster.env import from_environ, init_distributed
-from megalite.cluster.launch import compose_config
 from megalite.cluster.local import spawn
 from megalite.config import Config
+from megalite.launch import compose_config
 from megalite.model.llama import Llama
 from megalite.parallel.build import Materialiser, build_model, materialise_stage
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine
 from megalite.parallel.parallelize import apply_tp, tag_plain_names
+from megalite.rank.env import from_environ, init_distributed
 from megalite.train.memory_check import PeakSampler
 from megalite.train.worker import quiet_known_warnings
 

@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from megalite.cluster.env import from_environ, init_distributed
-from megalite.cluster.launch import compose_config, prepare_run
 from megalite.cluster.local import free_port
 from megalite.data.stream import TokenStream
+from megalite.launch import compose_config, prepare_run
 from megalite.model.llama import Llama, cross_entropy
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine, build_optimizer, effective_zero_stage
+from megalite.rank.env import from_environ, init_distributed
 from megalite.train.logbook import Logbook
 from megalite.train.worker import make_trainer, seed_everything
 

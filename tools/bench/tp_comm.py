@@ -52,9 +52,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megalite.cluster.launch import compose_config
 from megalite.cluster.local import free_port, start_processes
 from megalite.config import ModelConfig
+from megalite.launch import compose_config
 from megalite.model.llama import Llama
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.parallelize import apply_tp

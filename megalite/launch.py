@@ -20,7 +20,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from megalite.checkpoint import store
-from megalite.cluster.env import from_environ
 from megalite.cluster.local import RankExited, spawn
 from megalite.config import (
     Config,
@@ -33,10 +32,11 @@ from megalite.config import (
 from megalite.data.mixture import check_sources, check_tokenizers, configured_sources
 from megalite.data.sample import prepare_sample
 from megalite.data.shards import Retry, is_pattern, locate
+from megalite.rank.env import from_environ
 from megalite.train.worker import run_worker
 
 log = logging.getLogger("megalite")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose_config(overrides: list[str] | None = None) -> Config:
