@@ -15,7 +15,7 @@ import os
 import typing
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -126,6 +126,10 @@ def _did_you_mean(word: str, options: list[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def _is_schema(t: type | None) -> TypeGuard[type]:
+    return t is not None and dataclasses.is_dataclass(t)
+
+
 def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]:
     """Keys a `+key=value` override added that the schema does not know (Hydra lets them in)."""
     known = {f.name: f.type for f in dataclasses.fields(schema)}
@@ -134,8 +138,8 @@ def _unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> list[str]
         sub = OmegaConf.select(node, str(key), throw_on_missing=False)
         if key not in known:
             out.append(prefix + str(key))
-        elif isinstance(sub, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(sub)):
-            out += _unknown_keys(sub, OmegaConf.get_type(sub), f"{prefix}{key}.")
+        elif isinstance(sub, DictConfig) and _is_schema(sub_type := OmegaConf.get_type(sub)):
+            out += _unknown_keys(sub, sub_type, f"{prefix}{key}.")
     return out
 
 
@@ -144,10 +148,13 @@ def to_config(dcfg: DictConfig | Config) -> Config:
     if isinstance(dcfg, Config):
         return dcfg
     merged = OmegaConf.merge(OmegaConf.structured(Config), dcfg)
+    assert isinstance(merged, DictConfig)  # a merge onto a structured dataclass config
     unknown = _unknown_keys(merged, Config)
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}: check the spelling")
-    return OmegaConf.to_object(merged)
+    cfg = OmegaConf.to_object(merged)
+    assert isinstance(cfg, Config)
+    return cfg
 
 
 def resolve_data(cfg: Config) -> None:
@@ -197,7 +204,8 @@ def resolve_resume(cfg: Config, run_dir: Path) -> list[Path]:
     if resume == "auto":
         found = store.resume_candidates(run_dir / "checkpoints")
     elif resume:
-        found = [store.resolve(resume, run_dir=run_dir)]
+        named = store.resolve(resume, run_dir=run_dir)
+        found = [] if named is None else [named]
     else:
         refuse_previous_run(run_dir)
         return []

@@ -90,7 +90,7 @@ class Checkpointer:
         background (`finish` waits for it; every save, rollback and exit does)."""
         meta = self.meta(rank_state["consumed_tokens"])
         self.finish()  # one save in flight at a time
-        args = {
+        args: dict[str, Any] = {
             "root": self.root,
             "step": step,
             "global_rank": self.dims.global_rank,

@@ -60,7 +60,7 @@ class Logbook:
             import wandb
 
             self._wandb = wandb.init(
-                mode=wandb_mode,
+                mode=wandb_mode,  # type: ignore[arg-type]  # validated: offline|online|disabled
                 dir=str(run_dir),
                 project=wandb_project,
                 entity=wandb_entity,
@@ -78,7 +78,7 @@ class Logbook:
 
     def write(self, record: dict[str, Any]) -> None:
         """Append a record to metrics.jsonl and send its numbers to wandb."""
-        if not self.enabled:
+        if self._metrics is None:  # not rank 0, or closed
             return
         self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
         if self._wandb is not None:

@@ -73,10 +73,10 @@ def setup_logging(run_dir: Path, *, global_rank: int, level: str = "INFO") -> No
         console.setFormatter(fmt)
         root.addHandler(console)
     # DeepSpeed's own logger and what it prints (`deepspeed_prints_to_log`): the rank's log only.
-    for name, level in (("DeepSpeed", logging.WARNING), (DEEPSPEED_PRINTS, logging.INFO)):
+    for name, quiet_level in (("DeepSpeed", logging.WARNING), (DEEPSPEED_PRINTS, logging.INFO)):
         quiet = logging.getLogger(name)
         quiet.handlers = [file_handler]
-        quiet.setLevel(level)
+        quiet.setLevel(quiet_level)
         quiet.propagate = False
 
 
