@@ -25,7 +25,7 @@ from megalite.model.init import Rule, draw_into, init_rules
 from megalite.model.llama import Llama, RotaryEmbedding
 from megalite.parallel.checkpointing import apply_ac
 from megalite.parallel.dims import DeepSpeedMPU, ParallelDims
-from megalite.parallel.engine import deepspeed_config, effective_zero_stage
+from megalite.parallel.engine import deepspeed_config
 from megalite.parallel.parallelize import LossFn, apply_tp, head_entry, tag_plain_names
 from megalite.parallel.pipeline import (
     bubble_fraction,
@@ -54,7 +54,7 @@ def build_model(
         compile_blocks(model)
     fill = Materialiser(cfg, dims, device, init=init)
     if p.pp == 1:
-        partition = zero3_partitioner(cfg, dims) if effective_zero_stage(cfg) == 3 else None
+        partition = zero3_partitioner(cfg, dims) if cfg.parallel.effective_zero_stage == 3 else None
         for part in (model.embed, *model.layers, model.norm, model.head):
             fill(part)
             if partition is not None:

@@ -45,22 +45,16 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
     )
 
 
-def effective_zero_stage(cfg: Config) -> int:
-    """The ZeRO stage that runs (config.effective_zero_stage: stage 0 at dp = pp = 1)."""
-    return cfg.parallel.effective_zero_stage
-
-
 def megalite_clips(cfg: Config) -> bool:
     """fp32 without ZeRO and without a pipeline: DeepSpeed would clip but not report the norm, so
     the trainer clips (and DeepSpeed's own clipping is off)."""
-    return (
-        effective_zero_stage(cfg) == 0 and cfg.trainer.precision == "fp32" and cfg.parallel.pp == 1
-    )
+    p = cfg.parallel
+    return p.effective_zero_stage == 0 and cfg.trainer.precision == "fp32" and p.pp == 1
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
     t = cfg.trainer
-    stage = effective_zero_stage(cfg)
+    stage = cfg.parallel.effective_zero_stage
     ds: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

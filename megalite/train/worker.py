@@ -30,7 +30,7 @@ from megalite.model import ops
 from megalite.model.llama import cross_entropy
 from megalite.parallel.build import build_model
 from megalite.parallel.dims import ParallelDims
-from megalite.parallel.engine import build_engine, effective_zero_stage
+from megalite.parallel.engine import build_engine
 from megalite.parallel.parallelize import LossFn
 from megalite.rank.env import (
     DistEnv,
@@ -261,7 +261,7 @@ def make_trainer(
 
 
 def _log_layout(cfg: Config, dims: ParallelDims, device: torch.device) -> None:
-    p, zero = cfg.parallel, effective_zero_stage(cfg)
+    p, zero = cfg.parallel, cfg.parallel.effective_zero_stage
     log.info(
         "world %d = tp %d%s x pp %d x dp %d | ZeRO %d%s | %s | device %s | pid %d | ops %s",
         dims.world_size,

@@ -79,7 +79,7 @@ from megalite.config import Config, validate
 from megalite.launch import compose_config, prepare_run
 from megalite.parallel.build import build_model
 from megalite.parallel.dims import ParallelDims
-from megalite.parallel.engine import build_engine, effective_zero_stage
+from megalite.parallel.engine import build_engine
 from megalite.parallel.pipeline import bubble_fraction
 from megalite.rank.env import from_environ, init_distributed
 from megalite.train.logbook import Logbook
@@ -427,7 +427,8 @@ def main() -> None:
     print(
         f"\nmodel={mc.name} n_layers={mc.n_layers} dim={mc.dim} vocab={mc.vocab_size} "
         f"seq_len={t.seq_len} micro_batch={t.micro_batch_size} {t.precision} "
-        f"ZeRO {effective_zero_stage(cfg)} | tp=1 dp=1 | steps={args.steps} (+1 warm-up), medians"
+        f"ZeRO {cfg.parallel.effective_zero_stage} | tp=1 dp=1 | steps={args.steps} (+1 warm-up), "
+        "medians"
     )
     print(
         f"CPU cores available: {cores}; torch threads per rank: {', '.join(map(str, threads))}; "

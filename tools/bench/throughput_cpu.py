@@ -30,7 +30,7 @@ from megalite.data.stream import TokenStream
 from megalite.launch import compose_config, prepare_run
 from megalite.model.llama import Llama, cross_entropy
 from megalite.parallel.dims import ParallelDims
-from megalite.parallel.engine import build_engine, build_optimizer, effective_zero_stage
+from megalite.parallel.engine import build_engine, build_optimizer
 from megalite.rank.env import from_environ, init_distributed
 from megalite.train.logbook import Logbook
 from megalite.train.worker import make_trainer, seed_everything
@@ -123,7 +123,8 @@ def main() -> None:
 
     print(f"\nmodel={cfg.model.name} seq_len={cfg.trainer.seq_len} "
           f"batch={cfg.trainer.global_batch_size} threads={torch.get_num_threads()} "
-          f"steps={args.steps}x{args.repeats} zero={effective_zero_stage(cfg)}")  # fmt: skip
+          f"steps={args.steps}x{args.repeats} "
+          f"zero={cfg.parallel.effective_zero_stage}")  # fmt: skip
     print(f"{'what':<28}{'tokens/s':>12}{'ratio':>10}")
     print(f"{'megalite train step':<28}{med['megalite']:>12.0f}"
           f"{med['megalite'] / med['plain PyTorch']:>10.3f}")  # fmt: skip
