@@ -58,10 +58,10 @@ class HostStaging:
             out = torch.empty(0, dtype=obj.dtype)
             return out.set_(copied[key], obj.storage_offset(), obj.size(), obj.stride())
         if isinstance(obj, dict):
-            out = copy.copy(obj)  # keeps the type (OrderedDict, defaultdict)
-            out.clear()
-            out.update((k, self._copy(v, copied)) for k, v in obj.items())
-            return out
+            new = copy.copy(obj)  # keeps the type (OrderedDict, defaultdict)
+            new.clear()
+            new.update((k, self._copy(v, copied)) for k, v in obj.items())
+            return new
         if isinstance(obj, list):
             return [self._copy(v, copied) for v in obj]
         if isinstance(obj, tuple):

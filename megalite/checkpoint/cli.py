@@ -52,6 +52,9 @@ def _layout_words(reader: Checkpoint) -> str:
     """inspect's layout line: a native checkpoint's layout, or where a layout-free one is from."""
     meta = reader.meta
     if not reader.layout_free:
+        from megalite.checkpoint.reader import CheckpointReader
+
+        assert isinstance(reader, CheckpointReader)  # the native kind
         return (
             f"tp={reader.tp} pp={reader.pp} dp={reader.dp}  ZeRO {meta.get('zero_stage')}  "
             f"sequence_parallel={meta.get('sequence_parallel', False)}"
@@ -111,7 +114,9 @@ def _check_layout(model, layout: dict[str, int]) -> None:
     from megalite.config import ConfigError, ParallelConfig, validate_parallel
 
     try:
-        validate_parallel(ParallelConfig(**layout, zero_stage=0), model)
+        validate_parallel(
+            ParallelConfig(tp=layout["tp"], pp=layout["pp"], dp=layout["dp"], zero_stage=0), model
+        )
     except ConfigError as e:
         raise CheckpointError(
             f"the model cannot take tp={layout['tp']} pp={layout['pp']}: {e}"

@@ -15,6 +15,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 
@@ -56,7 +57,7 @@ def hf_name(plain: str) -> str:
     return f"model.layers.{index}.{_LAYER[rest]}"
 
 
-def hf_config(m: ModelConfig, *, dtype: str, eos_token_id: int | None) -> dict:
+def hf_config(m: ModelConfig, *, dtype: str, eos_token_id: int | list[int] | None) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -136,7 +137,7 @@ def _write_raw(f, t: torch.Tensor) -> None:
     """A contiguous tensor's bytes, little-endian as safetensors stores them, without a copy."""
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.view(torch.int16)  # numpy has no bfloat16; the bytes are the same
-    f.write(memoryview(t.numpy()).cast("B"))
+    f.write(t.numpy().data.cast("B"))
 
 
 def export_hf(
@@ -213,7 +214,7 @@ def _copy_tokenizer(reader: Checkpoint, folder: Path) -> int | list[int] | None:
         return _copy_imported_tokenizer(reader, folder)
     info = json.loads(manifest.read_text())
     name = info.get("tokenizer", "tokenizer.json")
-    shutil.copy(Path(data) / name, folder / name)
+    shutil.copy(manifest.parent / name, folder / name)
     eos = info.get("eod_token", "<|endoftext|>")
     _write_tokenizer_config(folder, name, eos)
     return info.get("eod_token_id")
@@ -303,9 +304,16 @@ def _hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
+class ImportSummary(TypedDict):
+    tensors: int
+    bytes: int
+    dst: str
+    model: ModelConfig
+
+
 def import_hf(
     src: str | Path, dst: str | Path, *, layout: dict[str, int], progress: bool = True
-) -> dict[str, object]:
+) -> ImportSummary:
     """A layout-free checkpoint (weights; fresh optimizer state) from an HF Llama folder, plus
     `model.yaml`, the matching model config to train it with."""
     from omegaconf import OmegaConf

@@ -157,7 +157,7 @@ class CheckpointReader:
     """A native checkpoint: DeepSpeed's files of one tp × pp × dp layout (see the module doc)."""
 
     layout_free = False
-    kinds = KINDS
+    kinds: tuple[str, ...] = KINDS
 
     def __init__(self, ckpt: str | Path, *, meta: dict[str, Any] | None = None) -> None:
         """`meta`: as `verify_checkpoint` returned it (else checked here: every file's CRC-32,
@@ -220,7 +220,7 @@ class CheckpointReader:
 
     def names(self) -> list[str]:
         """Every plain parameter name, in the plain model's order."""
-        out = []
+        out: list[str] = []
         for base in self._index:
             spec = self.specs.get(base)
             out.extend(spec.names if spec else (base,))

@@ -29,7 +29,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -41,7 +41,13 @@ from megalite.checkpoint.background import CapturedWrites, HostStaging, PendingS
 from megalite.parallel import deepspeed_compat
 
 log = logging.getLogger("megalite")
-W = TypeVar("W")
+
+
+class _RecordsFailure(Protocol):  # a stand-in checkpoint engine (`_swapped_checkpoint_engine`)
+    failure: str | None
+
+
+W = TypeVar("W", bound=_RecordsFailure)
 
 
 def rng_state() -> dict[str, Any]:

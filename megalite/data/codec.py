@@ -73,7 +73,7 @@ def decode_shard(data: bytes, info: ShardInfo, *, dtype: str, name: str) -> list
 def _decode_tar(data: bytes, dtype: np.dtype) -> list[np.ndarray]:
     """Tar bytes → the samples in key order, as read-only views into `data` (no copies)."""
     members: list[tuple[str, np.ndarray]] = []
-    headers: dict[bytes, tuple[tuple[int, ...], np.dtype]] = {}
+    headers: dict[bytes, tuple[bytes, tuple[int, ...], np.dtype]] = {}
     view = memoryview(data)
     for name, start, size in _tar_members(data):
         key, _, suffix = name.partition(".")
@@ -130,10 +130,11 @@ _ZERO_BLOCK = bytes(512)
 
 
 def _decode_npy(
-    raw: memoryview, headers: dict[bytes, tuple[tuple[int, ...], np.dtype]]
+    raw: memoryview, headers: dict[bytes, tuple[bytes, tuple[int, ...], np.dtype]]
 ) -> np.ndarray:
     """.npy bytes → array. All full samples of a shard share one header, so each distinct header
-    is parsed once (numpy's parser costs more than the copy-free decode itself)."""
+    is parsed once (numpy's parser costs more than the copy-free decode itself). `headers` maps
+    each header to (header, shape, dtype), and b"" to the previous member's entry."""
     last = headers.get(b"")  # the previous member's header: the common case, compared in place
     if last is not None and raw[: len(last[0])] == last[0]:
         header = last[0]
@@ -148,7 +149,7 @@ def _decode_npy(
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
         if fortran or dtype.hasobject:
             raise ValueError("unsupported .npy layout")
-        headers[header] = (shape, dtype)
-    shape, dtype = headers[header]
-    headers[b""] = (header, shape, dtype)  # type: ignore[assignment]
+        headers[header] = (header, shape, dtype)
+    _, shape, dtype = headers[header]
+    headers[b""] = headers[header]
     return np.frombuffer(raw[end:], dtype=dtype).reshape(shape)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megalite.data.errors import DataError
 from megalite.data.stream import TokenStream
+
+T = TypeVar("T")
 
 
 class Loader:
@@ -94,7 +96,7 @@ class _Batches(IterableDataset):
     def __init__(self, make_stream: functools.partial[TokenStream], state: dict[str, Any]):
         self.make_stream, self.state = make_stream, state
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[np.ndarray]:
         info = get_worker_info()
         worker, n = (info.id, info.num_workers) if info is not None else (0, 1)
         stream = self.make_stream()
@@ -107,7 +109,7 @@ class _Batches(IterableDataset):
                 stream.skip()
 
 
-def _as_is(batch: np.ndarray) -> np.ndarray:
+def _as_is(batch: T) -> T:  # with batch_size=None a DataLoader collates each item alone
     return batch
 
 

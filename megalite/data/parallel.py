@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from types import TracebackType
@@ -70,7 +70,7 @@ class Workers:
             for _ in range(self.n):
                 self._pool.submit(_ready)
 
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Generator[R, None, None]:
         """fn(item) for each item, in order; lazy, like the builtin `map`."""
         if self.n == 1:
             yield from map(fn, items)

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TypedDict
 
 import tokenizers
 
@@ -28,13 +29,21 @@ SAMPLE_VAL_FRACTION = 0.05  # ~5% of 7k paragraphs: a val split big enough to be
 log = logging.getLogger(__name__)
 
 
+class _SampleOptions(TypedDict):  # the `prepare` options of the sample, hashed into its name
+    vocab_size: int
+    val_fraction: float
+    sample_tokens: int
+    shard_tokens: int
+    seed: int
+
+
 def prepare_sample(cache_dir: str | Path, *, vocab_size: int = 4096) -> Path:
     """Return `cache_dir/shakespeare-v<vocab>-<hash>/`, a prepared folder, preparing it if needed.
 
     Later calls return at once. Safe to call from several processes at the same time.
     """
     cache = Path(cache_dir).expanduser()
-    options = {
+    options: _SampleOptions = {
         "vocab_size": vocab_size,
         "val_fraction": SAMPLE_VAL_FRACTION,
         "sample_tokens": 2048,

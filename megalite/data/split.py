@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 
 class Doc(Protocol):
@@ -18,6 +18,9 @@ class Doc(Protocol):
 
     @property
     def digest(self) -> bytes: ...  # hash of the text
+
+
+D = TypeVar("D", bound=Doc)
 
 
 @dataclass
@@ -37,7 +40,7 @@ class SplitPlan:
     lowest: int = -1  # index of the document with the lowest score
     highest: int = -1
 
-    def observe(self, docs: Iterator[Doc]) -> Iterator[Doc]:
+    def observe(self, docs: Iterator[D]) -> Iterator[D]:
         """Pass `docs` through, counting them and their splits."""
         low: tuple[float, bytes, int] = (2.0, b"", -1)
         high: tuple[float, bytes, int] = (-1.0, b"", -1)

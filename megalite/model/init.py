@@ -95,5 +95,6 @@ STAGING_BYTES = 16 << 20  # the CPU scratch for a target that is not drawn in pl
 
 
 def _draw_unit(target: torch.Tensor, rule: Rule, unit: int, generator: torch.Generator) -> None:
+    assert rule.std is not None  # `draw_into` fills a gain (std None) without drawing
     generator.manual_seed((rule.seed + unit) % SEEDS)
     target.normal_(mean=0.0, std=rule.std, generator=generator)

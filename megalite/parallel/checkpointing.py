@@ -15,7 +15,7 @@ import functools
 
 from torch.utils.checkpoint import checkpoint
 
-from megalite.model.llama import Llama
+from megalite.model.llama import Llama, TransformerBlock
 
 MODES = ("none", "full", "selective")
 
@@ -31,4 +31,5 @@ def apply_ac(model: Llama, mode: str) -> None:
         if mode == "full":
             block.forward = _checkpointed(block.forward)
         elif mode == "selective":
+            assert isinstance(block, TransformerBlock)  # an nn.ModuleList types its items as Module
             block.attn.core = _checkpointed(block.attn.core)

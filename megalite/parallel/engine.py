@@ -23,7 +23,8 @@ from megalite.parallel.schedule import build_scheduler
 def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices (linear and embedding weights); never norms' gains or biases (ndim < 2).
     A ZeRO-3 parameter is judged by its full shape (`ds_shape`; its data is a flat partition)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if not p.requires_grad:
             continue

@@ -20,6 +20,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,7 @@ from torch import nn
 
 from megalite.model.llama import Llama, TransformerBlock, cross_entropy
 from megalite.parallel.dims import ParallelDims
-from megalite.parallel.placement import TPShard, block_shards, kv_replicas, vocab_shard
+from megalite.parallel.placement import PlainNamed, TPShard, block_shards, kv_replicas, vocab_shard
 from megalite.parallel.tensor import (
     copy_to_tp,
     gather_seq,
@@ -112,6 +113,7 @@ def apply_tp(model: Llama, dims: ParallelDims, *, sequence_parallel: bool) -> Lo
               sequence_parallel=sequence_parallel)  # fmt: skip
     entry, exit_ = region_collectives(sequence_parallel)
     for layer in model.layers:
+        assert isinstance(layer, TransformerBlock)  # an nn.ModuleList types its items as Module
         _region(layer.attn, group, entry, exit_)
         _region(layer.mlp, group, entry, exit_)
         if sequence_parallel:
@@ -142,6 +144,7 @@ def cut_model(
     hooks, no collectives: `apply_tp` adds those); on meta it allocates nothing."""
     _shard_vocab(model, plan, group, sequence_parallel)
     for i, layer in enumerate(model.layers):
+        assert isinstance(layer, TransformerBlock)  # an nn.ModuleList types its items as Module
         _shard_block(layer, f"layers.{i}", plan, kv_group)
 
 
@@ -213,7 +216,7 @@ def tag_plain_names(model: Llama) -> None:
     checkpoint tools can find it whatever module (e.g. a pipeline stage) holds it later."""
     for name, p in model.named_parameters():
         if getattr(p, "tp_shard", None) is None:
-            p.plain_name = name
+            cast(PlainNamed, p).plain_name = name
 
 
 def shard_specs(model: nn.Module) -> dict[str, dict[str, object]]:
@@ -243,7 +246,9 @@ def full_gradients(model: nn.Module, group: dist.ProcessGroup) -> dict[str, torc
 def _gather(model: nn.Module, group, *, grads: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
-        t = (p.grad if grads else p).detach()
+        held = p.grad if grads else p
+        assert held is not None, f"{name} has no gradient"
+        t = held.detach()
         shard: TPShard | None = getattr(p, "tp_shard", None)
         if shard is None:
             out[name] = t.clone()

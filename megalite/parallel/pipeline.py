@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from torch import nn
 
 from megalite.model.llama import Llama
 from megalite.parallel.dims import ParallelDims
+
+if TYPE_CHECKING:
+    from megalite.parallel.tp_layers import VocabParallelEmbedding
 
 EMBED_KEY = "embed"
 # Our names → DeepSpeed's partition methods. `uniform` balances transformer blocks (as Megatron
@@ -52,7 +56,9 @@ def stage_layers(model: Llama, *, head_entry: Callable[[torch.Tensor], torch.Ten
 
     if model.cfg.tie_embeddings:
 
-        def tied_head(embed: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        def tied_head(
+            embed: nn.Embedding | VocabParallelEmbedding, h: torch.Tensor
+        ) -> torch.Tensor:
             return F.linear(head_entry(h), embed.weight)  # (b, s, vocab / tp)
 
         first = TiedLayerSpec(EMBED_KEY, Prebuilt, model.embed)

@@ -23,12 +23,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, cast
 
 if TYPE_CHECKING:
     import torch
 
 KINDS = ("full", "rows", "cols", "vocab", "kv", "gate_up")
+
+
+class PlainNamed(Protocol):
+    """An unsharded parameter of a built model, tagged with its plain name
+    (`parallelize.tag_plain_names`)."""
+
+    plain_name: str
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,7 @@ class TPShard:
     def assemble(
         self,
         out: torch.Tensor,
-        fill: Callable[[Piece, torch.Tensor], None],
+        fill: Callable[[Piece, torch.Tensor], object],
         extents: dict[str, int],
         *,
         tp: int,
@@ -190,4 +197,4 @@ def block_shards(prefix: str, *, kv_replicas: int) -> dict[str, TPShard]:
 def shard_of(param: torch.nn.Parameter) -> TPShard:
     """The cut of a parameter of a built model: its `tp_shard`, or whole (`plain_name`)."""
     shard = getattr(param, "tp_shard", None)
-    return shard if shard is not None else TPShard("full", (param.plain_name,))
+    return shard if shard is not None else TPShard("full", (cast(PlainNamed, param).plain_name,))

@@ -8,6 +8,7 @@ rejection reads as the trainer's own message.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from megalite.config import (
@@ -189,9 +190,16 @@ def search(
                 rejected.append(Rejection(tp, pp, f"tp x pp = {tp * pp} does not divide {gpus}"))
                 continue
             dp = gpus // (tp * pp)
-            neutral = {"zero": 0, "micro_batch": 1, "sp": False, "ac": "none"}
+            # The searched fields start neutral; the fixed ones keep `base`'s values.
             family = replace(
-                base, tp=tp, pp=pp, dp=dp, **{k: v for k, v in neutral.items() if k not in fixed}
+                base,
+                tp=tp,
+                pp=pp,
+                dp=dp,
+                zero=base.zero if "zero" in fixed else 0,
+                micro_batch=base.micro_batch if "micro_batch" in fixed else 1,
+                sp=base.sp if "sp" in fixed else False,
+                ac=base.ac if "ac" in fixed else "none",
             )
             try:
                 check_layout(cfg, family)
@@ -216,7 +224,16 @@ def search(
     )
 
 
-def _search_family(cfg, family, gpu, base, options, mfu, usable_fraction, network):
+def _search_family(
+    cfg: ModelConfig,
+    family: Layout,
+    gpu: GPU,
+    base: Layout,
+    options: Callable[[str, list], list],
+    mfu: float,
+    usable_fraction: float,
+    network: Network,
+) -> tuple[list[Estimate], Estimate | None, int]:
     """The fitting layouts of one (tp, pp) family, its leanest estimate, and how many were tried."""
     tp, pp, dp = family.tp, family.pp, family.dp
     zeros = [0] if dp == 1 and pp == 1 else [0, 1] if pp > 1 else [0, 1, 2, 3]

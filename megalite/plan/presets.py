@@ -30,6 +30,7 @@ def load_preset(name: str) -> ModelConfig:
 
     schema = OmegaConf.structured(ModelConfig)
     cfg = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(path)))
+    assert isinstance(cfg, ModelConfig)  # a structured config's object is its dataclass
     try:
         validate_model(cfg)
     except ConfigError as e:
