@@ -7,24 +7,22 @@ size for the backward. Here neither is ever materialised:
 - forward: one program per row streams the row's logits in chunks of BLOCK_V, keeping an online
   max and sum of exponentials in fp32, and writes three fp32 numbers per row: the max, the sum of
   exp(logit - max) and the target's logit (zero where the target is not in this shard);
-- vocab-parallel: the per-row statistics are combined over the TP group exactly as
-  `megalite.parallel.tensor.vocab_parallel_cross_entropy` does (an all-reduce MAX of the max, then
-  one all-reduce SUM of the rescaled sum-exp and the target logit), so (n,)-sized messages only;
+- vocab-parallel: the per-row statistics are combined over the TP group as
+  `reference.cross_entropy` combines them (an all-reduce MAX of the max, then one all-reduce SUM
+  of the rescaled sum-exp and the target logit), so (n,)-sized messages only;
 - backward: only the logits (in their own dtype), the targets and one fp32 log-sum-exp per row are
   saved; the kernel recomputes softmax chunk by chunk and writes (softmax - onehot) * grad / n_valid
   in the logits' dtype, zero for ignored rows and for padding columns.
 
-The loss is the mean over rows whose target != ignore_index, computed in fp32, as
-`megalite.model.llama.cross_entropy` (F.cross_entropy) computes it. With every row ignored the loss
-is nan (0 / 0) and the gradient is zero, again as F.cross_entropy.
+The contract is `reference.cross_entropy`: the mean over rows whose target != ignore_index,
+computed in fp32 (F.cross_entropy on one device). With every row ignored the loss is nan (0 / 0)
+and the gradient is zero, as F.cross_entropy (the vocab-parallel reference returns 0 there).
 
 Padding: the TP head pads the vocabulary to a multiple of tp; columns at global index >=
 `vocab_size` take no part (their gradient is zero). Targets must lie in [0, vocab_size) or equal
 ignore_index; nothing checks this on the device.
 
-`cross_entropy` runs the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1);
-`cross_entropy_reference` is the same contract in torch (it materialises fp32 logits: a reference,
-not a fallback for large shapes).
+`cross_entropy` runs the Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -120,10 +118,10 @@ def _block(v: int, block_v: int | None) -> int:
     return block
 
 
-# ---- per-row statistics and gradient: Triton and torch, same contract ------------------------
+# ---- per-row statistics and gradient ---------------------------------------------------------
 
 
-def _row_stats_triton(
+def _row_stats(
     logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: int, n_real: int,
     ignore_index: int, block_v: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -138,21 +136,7 @@ def _row_stats_triton(
     return stats[0], stats[1], stats[2]
 
 
-def _row_stats_torch(
-    logits: torch.Tensor, targets: torch.Tensor, *, vocab_start: int, n_real: int,
-    ignore_index: int, block_v: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    x = logits.float()[:, :n_real]  # (n, n_real)
-    m = x.max(dim=-1).values if n_real else x.new_full((x.shape[0],), float("-inf"))
-    s = (x - m.unsqueeze(-1)).exp().sum(dim=-1)  # (n,)
-    local = targets - vocab_start
-    owned = (targets != ignore_index) & (local >= 0) & (local < n_real)
-    idx = torch.where(owned, local, 0).unsqueeze(-1)
-    t = logits.float().gather(1, idx).squeeze(1) * owned  # (n,)
-    return m, s, t
-
-
-def _grad_triton(
+def _grad(
     logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor, *,
     vocab_start: int, n_real: int, ignore_index: int, block_v: int | None,
 ) -> torch.Tensor:  # fmt: skip
@@ -164,25 +148,6 @@ def _grad_triton(
             ignore_index, BLOCK_V=_block(v_local, block_v), num_warps=NUM_WARPS,
         )  # fmt: skip
     return grad  # (n, v_local)
-
-
-def _grad_torch(
-    logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor, *,
-    vocab_start: int, n_real: int, ignore_index: int, block_v: int | None = None,
-) -> torch.Tensor:  # fmt: skip
-    n, v_local = logits.shape
-    p = (logits.float() - lse.unsqueeze(-1)).exp()  # (n, v_local)
-    p[:, n_real:] = 0.0
-    local = targets - vocab_start
-    valid = targets != ignore_index
-    owned = valid & (local >= 0) & (local < n_real)
-    rows = torch.arange(n, device=logits.device)
-    p[rows, torch.where(owned, local, 0)] -= owned.float()
-    g = torch.where(valid.unsqueeze(-1), p * coef, 0.0)
-    return g.to(logits.dtype)
-
-
-_IMPLS = {"triton": (_row_stats_triton, _grad_triton), "torch": (_row_stats_torch, _grad_torch)}
 
 
 # ---- autograd wrapper ------------------------------------------------------------------------
@@ -213,48 +178,24 @@ class _CrossEntropy(torch.autograd.Function):
         n_real: int,
         ignore_index: int,
         group: dist.ProcessGroup | None,
-        impl: str,
         block_v: int | None,
     ) -> torch.Tensor:
-        row_stats, _ = _IMPLS[impl]
         kw = dict(vocab_start=vocab_start, n_real=n_real, ignore_index=ignore_index)
-        m, s, t = row_stats(logits, targets, block_v=block_v, **kw)  # (n,) fp32 each
+        m, s, t = _row_stats(logits, targets, block_v=block_v, **kw)  # (n,) fp32 each
         lse, t = _combine(m, s, t, group)  # (n,)
         valid = targets != ignore_index  # (n,)
         n_valid = valid.sum()
         loss = torch.where(valid, lse - t, 0.0).sum() / n_valid  # nan if no row is valid
         ctx.save_for_backward(logits, targets, lse, n_valid)
-        ctx.kw, ctx.impl, ctx.block_v = kw, impl, block_v
+        ctx.kw, ctx.block_v = kw, block_v
         return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, targets, lse, n_valid = ctx.saved_tensors
-        _, grad_fn = _IMPLS[ctx.impl]
         coef = (grad.float() / n_valid).contiguous()  # () fp32, stays on the device: no sync
-        g = grad_fn(logits, targets, lse, coef, block_v=ctx.block_v, **ctx.kw)
-        return g, None, None, None, None, None, None, None
-
-
-def _apply(
-    logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int,
-    group: dist.ProcessGroup | None, vocab_start: int, vocab_size: int | None, impl: str,
-    block_v: int | None,
-) -> torch.Tensor:  # fmt: skip
-    if logits.dtype not in DTYPES:
-        raise TypeError(f"cross_entropy takes {DTYPES} logits, got {logits.dtype}")
-    v_local = logits.shape[-1]
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets {tuple(targets.shape)} do not match logits {logits.shape}")
-    vocab_size = vocab_start + v_local if vocab_size is None else vocab_size
-    n_real = max(0, min(v_local, vocab_size - vocab_start))
-    flat = logits.reshape(-1, v_local)  # (n, v_local)
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    return _CrossEntropy.apply(
-        flat, targets.reshape(-1).long().contiguous(), vocab_start, n_real, ignore_index, group,
-        impl, block_v,
-    )  # fmt: skip
+        g = _grad(logits, targets, lse, coef, block_v=ctx.block_v, **ctx.kw)
+        return g, None, None, None, None, None, None
 
 
 def cross_entropy(
@@ -276,23 +217,17 @@ def cross_entropy(
     logits fp32, bf16 or fp16; statistics in fp32; the gradient has the logits' dtype.
     block_v: the chunk of the vocabulary one step of a program reads (a power of two).
     """
-    return _apply(
-        logits, targets, ignore_index=ignore_index, group=group, vocab_start=vocab_start,
-        vocab_size=vocab_size, impl="triton", block_v=block_v,
-    )  # fmt: skip
-
-
-def cross_entropy_reference(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    group: dist.ProcessGroup | None = None,
-    vocab_start: int = 0,
-    vocab_size: int | None = None,
-) -> torch.Tensor:
-    """`cross_entropy` in torch (materialises fp32 logits and softmax): the numerical reference."""
-    return _apply(
-        logits, targets, ignore_index=ignore_index, group=group, vocab_start=vocab_start,
-        vocab_size=vocab_size, impl="torch", block_v=None,
+    if logits.dtype not in DTYPES:
+        raise TypeError(f"cross_entropy takes {DTYPES} logits, got {logits.dtype}")
+    v_local = logits.shape[-1]
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets {tuple(targets.shape)} do not match logits {logits.shape}")
+    vocab_size = vocab_start + v_local if vocab_size is None else vocab_size
+    n_real = max(0, min(v_local, vocab_size - vocab_start))
+    flat = logits.reshape(-1, v_local)  # (n, v_local)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    return _CrossEntropy.apply(
+        flat, targets.reshape(-1).long().contiguous(), vocab_start, n_real, ignore_index, group,
+        block_v,
     )  # fmt: skip

@@ -1,12 +1,12 @@
 """RMSNorm over the last dim as Triton kernels, optionally fused with the residual add before it.
 
-The contract is `megalite.model.ops.rms_norm_reference`, Hugging Face's LlamaRMSNorm: normalise in
-fp32, round the normalised row to the input's dtype, then multiply by the weight (the output has
-the promoted dtype of input and weight, as the torch product does). With `residual`, the row
-normalised is h = x + residual, rounded to x's dtype exactly as the torch add rounds it, and h is
-returned as well: a pre-norm block's `h = x + attn(...)` then `mlp_norm(h)` in one pass over
-memory. h's gradient is then the sum of the norm's and the residual stream's, and it is the
-gradient of both x and residual.
+The contract is `reference.rms_norm`, Hugging Face's LlamaRMSNorm: normalise in fp32, round the
+normalised row to the input's dtype, then multiply by the weight (the output has the promoted
+dtype of input and weight, as the torch product does). With `residual`, the row normalised is
+h = x + residual, rounded to x's dtype exactly as the torch add rounds it, and h is returned as
+well: a pre-norm block's `h = x + attn(...)` then `mlp_norm(h)` in one pass over memory. h's
+gradient is then the sum of the norm's and the residual stream's, and it is the gradient of both
+x and residual.
 
 - forward: one program per row holds the whole row in registers (BLOCK_N, the next power of two
   of the hidden size, masked), writes y (and h) and the row's fp32 1/rms, the only statistic the
@@ -232,15 +232,3 @@ def rms_norm(
     """
     _check(x, weight, residual)
     return _RMSNorm.apply(x, weight.contiguous(), residual, float(eps))
-
-
-def rms_norm_reference(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`rms_norm`'s contract in torch: `ops.rms_norm_reference` after the residual add."""
-    from megalite.model.ops import rms_norm_reference as reference  # lazy: ops may import us
-
-    if residual is None:
-        return reference(x, weight, eps)
-    h = x + residual  # (..., n)
-    return reference(h, weight, eps), h

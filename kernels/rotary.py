@@ -1,6 +1,6 @@
 """Rotary position embedding of q and k in one Triton kernel, forward and backward.
 
-The contract is `megalite.model.llama.apply_rotary` applied to q and to k: Hugging Face's
+The contract is `reference.apply_rotary_qk`, `apply_rotary` applied to q and to k: Hugging Face's
 rotate-half layout, x * cos + rotate_half(x) * sin, with the cos/sin tables (s, head_dim) rounded
 to x's dtype first. The products and the sum are computed in fp32 and rounded once (the reference
 rounds after each op in bf16, a difference of an ulp). q (b, n_heads, s, head_dim) and
@@ -190,12 +190,3 @@ def apply_rotary_qk(
     """
     _check(q, k, cos, sin)
     return _RotaryQK.apply(q, k, _last_contiguous(cos), _last_contiguous(sin))
-
-
-def apply_rotary_qk_reference(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`apply_rotary_qk`'s contract in torch: the model's `apply_rotary` on q and on k."""
-    from megalite.model.llama import apply_rotary  # lazy: the model imports the op dispatch
-
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -1,6 +1,6 @@
 """SwiGLU's elementwise core, silu(gate) * up, as Triton kernels, forward and backward.
 
-The contract is `swiglu_reference` (F.silu(gate) * up, the model's MLP before its down
+The contract is `reference.swiglu` (F.silu(gate) * up, the model's MLP before its down
 projection), computed in fp32 and rounded once to the inputs' dtype.
 
 gate and up are two tensors of one shape (..., f) that may be strided views: the model's MLP passes
@@ -18,7 +18,6 @@ writes one element per output in the forward and reads three and writes two in t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -137,8 +136,3 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.shape != up.shape or gate.dim() == 0:
         raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must match")
     return _SwiGLU.apply(gate, up)
-
-
-def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """`swiglu`'s contract in torch, as the model's MLP computes it."""
-    return F.silu(gate) * up

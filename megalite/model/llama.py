@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from megalite.config import ModelConfig
+from megalite.kernels.reference import apply_rotary as apply_rotary  # re-exported: RoPE reference
 from megalite.model import ops
 
 IGNORE_INDEX = -100
@@ -43,6 +44,9 @@ class RotaryEmbedding(nn.Module):
     never checkpointed). `apply_rotary` casts them to the activations' dtype, as HF does; if the
     model is cast to bf16 the tables are rounded the same way.
     """
+
+    cos: torch.Tensor  # (max_seq_len, head_dim) fp32
+    sin: torch.Tensor  # (max_seq_len, head_dim) fp32
 
     def __init__(self, head_dim: int, *, max_seq_len: int, theta: float) -> None:
         super().__init__()
@@ -71,9 +75,6 @@ class RotaryEmbedding(nn.Module):
         if seq_len > self.cos.shape[0]:
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.cos.shape[0]}")
         return self.cos[:seq_len], self.sin[:seq_len]
-
-
-rotate_half, apply_rotary = ops.rotate_half, ops.apply_rotary  # the references, re-exported
 
 
 class Attention(nn.Module):

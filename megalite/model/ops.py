@@ -1,12 +1,15 @@
-"""The hot ops of the model, each routed to the fastest implementation this machine has.
+"""The hot ops of the model, each routed to the fastest implementation this machine has: the one
+place that decides which implementation runs.
 
-The model calls `attention`, `rms_norm`, `rotary_qk`, `swiglu` and `cross_entropy` and never asks
-which kernel ran. `kernels.backend` (`configure`) picks megalite's Triton kernels (`kernels/`,
-imported lazily; auto = on CUDA when triton imports) or the torch implementations here, which are
-the numerical reference. Attention uses flash-attn on CUDA in half precision when importable, and
-RMSNorm apex's fused kernel when importable and Triton is not chosen. Optional packages are
-imported lazily and once (`functools.cache`), so importing the model never fails for lack of them
-and never logs; `describe_backends()` tells the trainer which path each op takes, for its log.
+The model calls `attention`, `rms_norm`, `rotary_qk`, `swiglu` and `cross_entropy` (also on a
+vocab-parallel shard, given the TP group) and never asks which kernel ran. `kernels.backend`
+(`configure`) picks megalite's Triton kernels (`megalite.kernels`, imported lazily; auto = on CUDA
+when triton imports) or their torch references (`megalite.kernels.reference`, torch only: one
+reference per op, the one the kernels' tests hold them to, so the fallback is exact). Attention
+uses flash-attn on CUDA in half precision when importable, and RMSNorm apex's fused kernel when
+importable and Triton is not chosen. Optional packages are imported lazily and once
+(`functools.cache`), so importing the model never fails for lack of them and never logs;
+`describe_backends()` tells the trainer which path each op takes, for its log.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from collections.abc import Callable
 from types import ModuleType
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+from megalite.kernels import reference
 
 _HALF = (torch.float16, torch.bfloat16)
 BACKENDS = ("auto", "triton", "torch")
@@ -101,20 +107,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, n_heads, s, head_dim)
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) * weight over the last dim, the exact fallback.
-
-    Normalised in fp32 and cast back to x's dtype before the weight multiplies it, the order of
-    Hugging Face's LlamaRMSNorm, so a converted checkpoint reproduces its outputs bit for bit.
-    """
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., dim)
-    return weight * normed.to(x.dtype)  # (..., dim)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: megalite's Triton kernel, else apex's fused kernel on CUDA if
-    importable, else the reference."""
+    importable, else `reference.rms_norm`."""
     if use_triton(x.device):
         from megalite.kernels.rmsnorm import rms_norm as triton_rms_norm
 
@@ -122,65 +117,61 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     fused = _apex_rms_norm() if _use_apex(x.device) else None
     if fused is not None:
         return fused(x, weight, weight.shape, eps)
-    return rms_norm_reference(x, weight, eps)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)  # (..., d/2) each
-    return torch.cat((-x2, x1), dim=-1)  # (..., d)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (b, heads, s, head_dim) by position: x*cos + rotate_half(x)*sin, in x's dtype
-    (Hugging Face's rotate-half layout): the reference."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # (s, head_dim)
-    return x * cos + rotate_half(x) * sin  # (b, heads, s, head_dim)
+    return reference.rms_norm(x, weight, eps)
 
 
 def rotary_qk(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (b, n_heads, s, hd) and k (b, n_kv_heads, s, hd) rotated: one Triton kernel for both,
-    or the reference twice."""
+    or `reference.apply_rotary_qk`."""
     if use_triton(q.device):
         from megalite.kernels.rotary import apply_rotary_qk
 
         return apply_rotary_qk(q, k, cos, sin)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return reference.apply_rotary_qk(q, k, cos, sin)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up (views of a fused projection are fine): Triton kernel or the reference."""
+    """silu(gate) * up (views of a fused projection are fine): the Triton kernel or
+    `reference.swiglu`."""
     if use_triton(gate.device):
         from megalite.kernels.swiglu import swiglu as triton_swiglu
 
         return triton_swiglu(gate, up)
-    return F.silu(gate) * up
-
-
-def cross_entropy_reference(
-    logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int
-) -> torch.Tensor:
-    """Mean cross-entropy over targets != ignore_index, in fp32 (a bf16 log-softmax over a large
-    vocabulary loses the precision the loss is read at): the exact reference."""
-    vocab = logits.shape[-1]
-    return F.cross_entropy(
-        logits.float().reshape(-1, vocab),  # (n, vocab)
-        targets.reshape(-1),  # (n,)
-        ignore_index=ignore_index,
-    )
+    return reference.swiglu(gate, up)
 
 
 def cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, *, ignore_index: int
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int,
+    group: dist.ProcessGroup | None = None,
+    vocab_start: int = 0,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """The loss over the whole vocabulary: the chunked Triton kernel (no fp32 copy of the logits)
-    or the reference."""
+    """Mean cross-entropy (fp32) of logits (..., v_local) against targets (...): the chunked
+    Triton kernel (no fp32 copy of the logits) or `reference.cross_entropy`.
+
+    group None: the logits hold the whole vocabulary. Otherwise they are this rank's shard of a
+    vocab-parallel head, global columns [vocab_start, vocab_start + v_local) of a vocabulary of
+    `vocab_size` real columns (the rest padding), and the loss is the unsharded one, with (n,)-sized
+    all-reduces over `group` only.
+    """
+    loss = reference.cross_entropy
     if use_triton(logits.device):
         from megalite.kernels.cross_entropy import cross_entropy as fused
 
-        return fused(logits, targets, ignore_index=ignore_index)
-    return cross_entropy_reference(logits, targets, ignore_index=ignore_index)
+        loss = fused
+    return loss(
+        logits,
+        targets,
+        ignore_index=ignore_index,
+        group=group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+    )
 
 
 def describe_backends(

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megalite.model.llama import Llama, TransformerBlock, cross_entropy
+from megalite.model import ops
+from megalite.model.llama import IGNORE_INDEX, Llama, TransformerBlock, cross_entropy
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.placement import PlainNamed, TPShard, block_shards, kv_replicas, vocab_shard
 from megalite.parallel.tensor import (
@@ -34,7 +35,6 @@ from megalite.parallel.tensor import (
     gather_seq,
     reduce_from_tp,
     reduce_scatter_seq,
-    vocab_parallel_cross_entropy,
 )
 from megalite.parallel.tp_layers import (
     ParallelSwiGLU,
@@ -124,8 +124,13 @@ def apply_tp(model: Llama, dims: ParallelDims, *, sequence_parallel: bool) -> Lo
     _region(model.head, group, entry, None)
 
     def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(
-            logits, targets, vocab_start=plan.vocab_start, vocab_size=plan.vocab_size, group=group
+        return ops.cross_entropy(
+            logits,
+            targets,
+            ignore_index=IGNORE_INDEX,
+            group=group,
+            vocab_start=plan.vocab_start,
+            vocab_size=plan.vocab_size,
         )
 
     return loss

@@ -10,6 +10,8 @@ entry/exit pair wraps the whole region, so q, k and v share one all-reduce (or a
 
 from __future__ import annotations
 
+from typing import Protocol, TypeVar, cast
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -26,11 +28,22 @@ from megalite.parallel.tensor import (
 )
 
 
-def mark(layer: nn.Module, shard: TPShard, *, counted: bool = True) -> nn.Module:
+class _MarkedWeight(Protocol):
+    """A sharded parameter's tags (`mark`)."""
+
+    tp_shard: TPShard
+    tensor_model_parallel: bool
+
+
+_Layer = TypeVar("_Layer", bound=nn.Module)
+
+
+def mark(layer: _Layer, shard: TPShard, *, counted: bool = True) -> _Layer:
     """Record on `layer.weight` how it is cut (`tp_shard`) and whether DeepSpeed counts it in
     the gradient norm on every TP rank (`tensor_model_parallel`)."""
-    layer.weight.tp_shard = shard
-    layer.weight.tensor_model_parallel = counted
+    weight = cast(_MarkedWeight, layer.weight)
+    weight.tp_shard = shard
+    weight.tensor_model_parallel = counted
     return layer
 
 

@@ -1,5 +1,6 @@
-"""The chunked cross-entropy kernel against F.cross_entropy and its torch reference, on one device
-and vocab-parallel over a 2-rank gloo world (through Triton's interpreter, on CPU tensors).
+"""The chunked cross-entropy kernel against `reference.cross_entropy` (F.cross_entropy of fp32
+logits on one device, its vocab-parallel form over a 2-rank gloo world), through Triton's
+interpreter on CPU tensors.
 
 Relative error is max|got - want| / max|want|, want computed in fp32 from the same (possibly bf16)
 logits. The loss is accumulated in fp32 whatever the logits' dtype, so it is held to 1e-5 in every
@@ -18,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import megalite.kernels.cross_entropy as ce
-from megalite.parallel.tensor import vocab_parallel_cross_entropy
+from megalite.kernels import reference
 from tests.distributed import run_world
 
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -68,14 +69,11 @@ CASES = [
 @pytest.mark.parametrize("shape,vocab,block_v,dtype", CASES)
 def test_matches_torch(shape: tuple[int, ...], vocab: int, block_v: int | None, dtype) -> None:
     logits, targets, scale = _inputs(shape, vocab, dtype, seed=vocab + len(shape))
-    want, want_grad = _loss_and_grad(F.cross_entropy, logits.float().view(-1, vocab),
-                                     targets.view(-1), scale)  # fmt: skip
+    want, want_grad = _loss_and_grad(reference.cross_entropy, logits.float(), targets, scale)
     got, grad = _loss_and_grad(ce.cross_entropy, logits, targets, scale, block_v=block_v)
-    ref, ref_grad = _loss_and_grad(ce.cross_entropy_reference, logits, targets, scale)
     assert got.dtype == torch.float32 and grad.dtype == dtype and grad.shape == logits.shape
-    assert rel_err(got, want) <= LOSS_TOL and rel_err(ref, want) <= LOSS_TOL
-    assert rel_err(grad.view(-1, vocab), want_grad) <= GRAD_TOL[dtype]
-    assert rel_err(ref_grad.view(-1, vocab), want_grad) <= GRAD_TOL[dtype]
+    assert rel_err(got, want) <= LOSS_TOL
+    assert rel_err(grad, want_grad) <= GRAD_TOL[dtype]
 
 
 def test_strided_rows_and_padding_columns() -> None:
@@ -88,17 +86,17 @@ def test_strided_rows_and_padding_columns() -> None:
     x = wide[:, :padded].requires_grad_()  # wide is a leaf; this view's rows have stride 400
     loss = ce.cross_entropy(x, targets, vocab_size=vocab, block_v=64)
     (loss * scale).backward()
-    want, want_grad = _loss_and_grad(F.cross_entropy, logits, targets, scale)
+    want, want_grad = _loss_and_grad(reference.cross_entropy, logits, targets, scale)
     assert rel_err(loss.detach(), want) <= LOSS_TOL
     assert rel_err(x.grad[:, :vocab], want_grad) <= 1e-5
     assert torch.equal(x.grad[:, vocab:], torch.zeros(5, padded - vocab))
 
 
 def test_all_rows_ignored_is_nan_with_zero_grad() -> None:
-    """As F.cross_entropy: the mean over no rows is nan, and nothing flows back."""
+    """As the reference (F.cross_entropy): the mean over no rows is nan, and nothing flows back."""
     logits = torch.randn(4, 300)
     targets = torch.full((4,), -100)
-    want, want_grad = _loss_and_grad(F.cross_entropy, logits, targets, 1.0)
+    want, want_grad = _loss_and_grad(reference.cross_entropy, logits, targets, 1.0)
     got, grad = _loss_and_grad(ce.cross_entropy, logits, targets, 1.0, block_v=128)
     assert want.isnan() and got.isnan()
     assert torch.equal(grad, want_grad) and torch.equal(grad, torch.zeros_like(logits))
@@ -111,9 +109,14 @@ def test_row_stats_of_a_shard(vocab_start: int, n_real: int) -> None:
     g = torch.Generator().manual_seed(vocab_start)
     logits = torch.randn(9, 200, generator=g).bfloat16()
     targets = torch.tensor([0, 199, 200, 250, 399, 400, 549, 599, -100])
-    kw = dict(vocab_start=vocab_start, n_real=n_real, ignore_index=-100)
-    got = ce._row_stats_triton(logits, targets, block_v=64, **kw)
-    want = ce._row_stats_torch(logits, targets, **kw)
+    got = ce._row_stats(logits, targets, vocab_start=vocab_start, n_real=n_real,
+                        ignore_index=-100, block_v=64)  # fmt: skip
+    real = logits.float()[:, :n_real]  # (9, n_real)
+    m = real.max(-1).values if n_real else torch.full((9,), float("-inf"))
+    local = targets - vocab_start
+    owned = (targets != -100) & (local >= 0) & (local < n_real)
+    t = torch.where(owned, logits.float().gather(1, (local * owned).unsqueeze(1)).squeeze(1), 0)
+    want = m, (real - m.unsqueeze(-1)).exp().sum(-1), t
     for name, a, b in zip(("max", "sum_exp", "target_logit"), got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
@@ -132,19 +135,18 @@ def _tp_worker(rank: int, tp: int, interpret: str | None) -> None:
     start = rank * per
     for dtype in (torch.float32, torch.bfloat16):
         logits, targets, scale = _inputs((3, 5), VOCAB, dtype, seed=7)
-        want, want_grad = _loss_and_grad(F.cross_entropy, logits.float().view(-1, VOCAB),
-                                         targets.view(-1), scale)  # fmt: skip
+        want, want_grad = _loss_and_grad(reference.cross_entropy, logits.float(), targets, scale)
         padded = torch.cat([logits, torch.full((3, 5, tp * per - VOCAB), 1e3, dtype=dtype)], -1)
         local = padded[..., start : start + per]  # (3, 5, per)
         kw = dict(vocab_start=start, vocab_size=VOCAB)
         got, grad = _loss_and_grad(ce.cross_entropy, local, targets, scale, group=group,
                                    block_v=128, **kw)  # fmt: skip
         assert rel_err(got, want) <= LOSS_TOL, (dtype, got, want)
-        want_local = F.pad(want_grad, (0, tp * per - VOCAB))[:, start : start + per]
-        assert rel_err(grad.view(-1, per), want_local) <= GRAD_TOL[dtype], dtype
-        if dtype == torch.float32:  # the torch TP loss this kernel is meant to replace
-            tp_loss, tp_grad = _loss_and_grad(vocab_parallel_cross_entropy, local, targets,
-                                              scale, group=group, **kw)  # fmt: skip
+        want_local = F.pad(want_grad, (0, tp * per - VOCAB))[..., start : start + per]
+        assert rel_err(grad, want_local) <= GRAD_TOL[dtype], dtype
+        if dtype == torch.float32:  # the torch TP loss, the fallback of this kernel
+            tp_loss, tp_grad = _loss_and_grad(reference.cross_entropy, local, targets, scale,
+                                              group=group, **kw)  # fmt: skip
             assert rel_err(got, tp_loss) <= LOSS_TOL and rel_err(grad, tp_grad) <= 1e-5
 
 

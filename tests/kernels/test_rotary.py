@@ -1,4 +1,4 @@
-"""The rotary kernel (q and k in one launch) against the model's `apply_rotary`.
+"""The rotary kernel (q and k in one launch) against `reference.apply_rotary_qk`.
 
 Relative error is max|kernel - reference| / max|reference| over the whole tensor; bounds: 1e-5 in
 fp32, 1e-2 in bf16 (the reference runs in the same dtype, autograd included). Every output buffer
@@ -8,8 +8,8 @@ the wrapper allocates is pre-filled with NaN, so an element the kernel skips fai
 import pytest
 import torch
 
-from megalite.kernels import rotary
-from megalite.kernels.rotary import apply_rotary_qk, apply_rotary_qk_reference
+from megalite.kernels import reference, rotary
+from megalite.kernels.rotary import apply_rotary_qk
 from megalite.model.llama import RotaryEmbedding
 from tests.kernels.helpers import assert_close
 
@@ -29,7 +29,7 @@ def check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     dtype = q.dtype
     dq, dk = torch.randn(q.shape, dtype=dtype), torch.randn(k.shape, dtype=dtype)
     results = []
-    for fn in (apply_rotary_qk, apply_rotary_qk_reference):
+    for fn in (apply_rotary_qk, reference.apply_rotary_qk):
         qs, ks = q.detach().requires_grad_(), k.detach().requires_grad_()
         q_out, k_out = fn(qs, ks, cos, sin)
         torch.autograd.backward((q_out, k_out), (dq, dk))

@@ -1,4 +1,4 @@
-"""The SwiGLU kernels, silu(gate) * up, against the model's torch expression.
+"""The SwiGLU kernels, silu(gate) * up, against `reference.swiglu`.
 
 Relative error is max|kernel - reference| / max|reference| over the whole tensor; bounds: 1e-5 in
 fp32, 1e-2 in bf16 (the reference runs in the same dtype, autograd included). Every output buffer
@@ -8,8 +8,9 @@ the wrapper allocates is pre-filled with NaN, so an element a kernel fails to wr
 import pytest
 import torch
 
+from megalite.kernels import reference
 from megalite.kernels import swiglu as swiglu_module
-from megalite.kernels.swiglu import swiglu, swiglu_reference
+from megalite.kernels.swiglu import swiglu
 from tests.kernels.helpers import assert_close
 
 
@@ -41,7 +42,7 @@ def test_separate_tensors(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     torch.manual_seed(sum(shape))
     gate, up, dout = (3 * torch.randn(shape, dtype=dtype) for _ in range(3))
     got = run(swiglu, (gate, up), lambda g, u: (g, u), dout)
-    ref = run(swiglu_reference, (gate, up), lambda g, u: (g, u), dout)
+    ref = run(reference.swiglu, (gate, up), lambda g, u: (g, u), dout)
     for name, a, b in zip(("out", "dgate", "dup"), got, ref, strict=True):
         assert_close(a, b, dtype, name)
 
@@ -56,7 +57,7 @@ def test_fused_w13_halves(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     dout = torch.randn(shape, dtype=dtype)
     halves = lambda t: t.chunk(2, dim=-1)  # (..., f) each, rows 2f apart
     got = run(swiglu, (w13_out,), halves, dout)
-    ref = run(swiglu_reference, (w13_out,), halves, dout)
+    ref = run(reference.swiglu, (w13_out,), halves, dout)
     for name, a, b in zip(("out", "dw13_out"), got, ref, strict=True):
         assert_close(a, b, dtype, name)
 
@@ -65,7 +66,7 @@ def test_strided_last_dim_and_empty() -> None:
     torch.manual_seed(2)
     gate, up = torch.randn(24, 5).t(), torch.randn(5, 24)  # gate's last dim is strided
     got = run(swiglu, (gate, up), lambda g, u: (g, u), torch.ones(5, 24))
-    ref = run(swiglu_reference, (gate, up), lambda g, u: (g, u), torch.ones(5, 24))
+    ref = run(reference.swiglu, (gate, up), lambda g, u: (g, u), torch.ones(5, 24))
     for name, a, b in zip(("out", "dgate", "dup"), got, ref, strict=True):
         assert_close(a, b, torch.float32, name)
     empty = swiglu(torch.randn(0, 7), torch.randn(0, 7))

@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from megalite.config import ModelConfig
-from megalite.model.llama import Llama, cross_entropy
+from megalite.model import ops
+from megalite.model.llama import IGNORE_INDEX, Llama, cross_entropy
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.parallelize import apply_tp, full_gradients, full_parameters
-from megalite.parallel.tensor import vocab_parallel_cross_entropy
 from tests.distributed import run_world
 
 CFG = ModelConfig(
@@ -87,8 +87,13 @@ def _vocab_ce(rank: int, tp: int) -> None:
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
     padded = torch.cat([logits, torch.full((5, 7, 3), 1e3, dtype=torch.float64)], dim=-1)
     local = padded[..., rank * per : (rank + 1) * per].clone().requires_grad_()
-    got = vocab_parallel_cross_entropy(
-        local, targets, vocab_start=rank * per, vocab_size=vocab, group=dims.group("tp")
+    got = ops.cross_entropy(
+        local,
+        targets,
+        ignore_index=IGNORE_INDEX,
+        group=dims.group("tp"),
+        vocab_start=rank * per,
+        vocab_size=vocab,
     )
     full = logits.clone().requires_grad_()
     torch.nn.functional.cross_entropy(full.reshape(-1, vocab), targets.reshape(-1)).backward()

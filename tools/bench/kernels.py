@@ -29,9 +29,9 @@ implementation's time, so GB/s (1 GB = 1e9 bytes) compares them on the same work
 a device-to-device copy of a --copy-mib tensor (bytes = read + write), timed the same way.
 
 Implementations: triton (`megalite.kernels.*`, through its autograd wrapper), eager (the
-reference in torch: `rms_norm_reference`, `apply_rotary_qk_reference`, `swiglu_reference`, and
-for the loss `megalite.model.ops.cross_entropy_reference`, F.cross_entropy on fp32 logits: what
-the model runs with kernels.backend=torch) and compile (`torch.compile` of that reference,
+reference in torch, `megalite.kernels.reference`: `rms_norm`, `apply_rotary_qk`, `swiglu`, and
+for the loss `cross_entropy`, F.cross_entropy on fp32 logits: what the model runs with
+kernels.backend=torch) and compile (`torch.compile` of that reference,
 default mode, dynamic=False; its compilation falls in the warm-up). fwd+bwd runs the forward and
 `torch.autograd.grad` of its outputs with fixed random output gradients (no .grad accumulation);
 fwd runs under no_grad.
@@ -133,11 +133,11 @@ def rope_tables(seq: int, head_dim: int, device: torch.device) -> tuple[torch.Te
 def case_builders(args: argparse.Namespace, device: torch.device) -> list[Callable[[], Case]]:
     """One thunk per case of the kernels named by --only; each builds its inputs when called, so
     that only one case's tensors are alive at a time."""
+    from megalite.kernels import reference
     from megalite.kernels.cross_entropy import cross_entropy
-    from megalite.kernels.rmsnorm import rms_norm, rms_norm_reference
-    from megalite.kernels.rotary import apply_rotary_qk, apply_rotary_qk_reference
-    from megalite.kernels.swiglu import swiglu, swiglu_reference
-    from megalite.model.ops import cross_entropy_reference
+    from megalite.kernels.rmsnorm import rms_norm
+    from megalite.kernels.rotary import apply_rotary_qk
+    from megalite.kernels.swiglu import swiglu
 
     dt, e = args.dtype, args.dtype.itemsize
     t, h, f, v = args.tokens, args.hidden, args.ffn, args.vocab
@@ -150,7 +150,7 @@ def case_builders(args: argparse.Namespace, device: torch.device) -> list[Callab
             f"rmsnorm {'fwd+bwd' if backward else 'fwd'}", "rmsnorm",
             (5 if backward else 2) * t * h * e + (2 if backward else 1) * h * e, (x, w),
             {"triton": lambda x, w: rms_norm(x, w, EPS),
-             "eager": lambda x, w: rms_norm_reference(x, w, EPS)},
+             "eager": lambda x, w: reference.rms_norm(x, w, EPS)},
             backward, (randn(t, h, **kw, grad=False),) if backward else (),
         )  # fmt: skip
 
@@ -162,7 +162,7 @@ def case_builders(args: argparse.Namespace, device: torch.device) -> list[Callab
             f"rmsnorm+residual {'fwd+bwd' if backward else 'fwd'}", "rmsnorm_residual",
             (8 if backward else 4) * t * h * e + (2 if backward else 1) * h * e, (x, w, r),
             {"triton": lambda x, w, r: rms_norm(x, w, EPS, residual=r),
-             "eager": lambda x, w, r: rms_norm_reference(x, w, EPS, residual=r)},
+             "eager": lambda x, w, r: reference.rms_norm(x, w, EPS, residual=r)},
             backward, dys,
         )  # fmt: skip
 
@@ -180,7 +180,7 @@ def case_builders(args: argparse.Namespace, device: torch.device) -> list[Callab
         nbytes = (4 if backward else 2) * b * s * (hq + hk) * d * e + 2 * s * d * 4
         return Case(
             f"rotary {'fwd+bwd' if backward else 'fwd'}", "rotary", nbytes, (q, k, cos, sin),
-            {"triton": apply_rotary_qk, "eager": apply_rotary_qk_reference}, backward, dys,
+            {"triton": apply_rotary_qk, "eager": reference.apply_rotary_qk}, backward, dys,
         )  # fmt: skip
 
     def swiglu_case(backward: bool) -> Case:
@@ -188,7 +188,7 @@ def case_builders(args: argparse.Namespace, device: torch.device) -> list[Callab
         return Case(
             f"swiglu {'fwd+bwd' if backward else 'fwd'}", "swiglu",
             (8 if backward else 3) * t * f * e, (gate, up),
-            {"triton": swiglu, "eager": swiglu_reference},
+            {"triton": swiglu, "eager": reference.swiglu},
             backward, (randn(t, f, **kw, grad=False),) if backward else (),
         )  # fmt: skip
 
@@ -199,7 +199,7 @@ def case_builders(args: argparse.Namespace, device: torch.device) -> list[Callab
         return Case(
             "cross_entropy fwd+bwd", "cross_entropy", 3 * t * v * e + 16 * t, (logits, targets),
             {"triton": lambda x, y: cross_entropy(x, y, ignore_index=IGNORE_INDEX),
-             "eager": lambda x, y: cross_entropy_reference(x, y, ignore_index=IGNORE_INDEX)},
+             "eager": lambda x, y: reference.cross_entropy(x, y, ignore_index=IGNORE_INDEX)},
             True, (torch.ones((), device=device),),
         )  # fmt: skip
 
