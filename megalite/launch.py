@@ -205,7 +205,8 @@ def resolve_resume(cfg: Config, run_dir: Path) -> list[Path]:
         found = store.resume_candidates(run_dir / "checkpoints")
     elif resume:
         named = store.resolve(resume, run_dir=run_dir)
-        found = [] if named is None else [named]
+        assert named is not None  # only "auto" may find nothing, and it is handled above
+        found = [named]
     else:
         refuse_previous_run(run_dir)
         return []

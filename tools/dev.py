@@ -2,7 +2,7 @@
 """Set up megalite's environment and run the demo or the tests: the README's two commands.
 
     python3 tools/dev.py demo   # create .venv, then train model=tiny on the bundled sample
-    python3 tools/dev.py test   # create .venv, then lint and run the whole test suite
+    python3 tools/dev.py test   # create .venv, then lint, type-check and run the whole test suite
 
 Only the standard library is used here, so it runs on a fresh machine with nothing but Python 3.11
 and pip. torch is installed first and pinned, so nothing later resolves a (multi-GB CUDA) build on
@@ -34,6 +34,7 @@ PINNED = [
     "pytest==9.2.0",
     "ruff==0.17.6",
     "import-linter==2.17",  # the layering contract in pyproject.toml
+    "mypy==2.4.1",  # types of megalite/ and kernels/ ([tool.mypy] in pyproject.toml)
     "safetensors==0.8.0",
     "matplotlib==3.11.2",
     "submitit==1.5.4",
@@ -113,6 +114,7 @@ def test(extra: list[str]) -> None:
     run(python(), "-m", "ruff", "check", ".")
     run(python(), "-m", "ruff", "format", "--check", ".")
     run(VENV / "bin" / "lint-imports")  # the package layers (pyproject.toml [tool.importlinter])
+    run(python(), "-m", "mypy", "megalite", "kernels")
     run(python(), "-m", "pytest", "-q", "-rs", *extra)  # -rs: each skip's reason
 
 

@@ -181,16 +181,16 @@ def _region(module: nn.Module, group, entry, exit_) -> None:
 
 def _shard_vocab(model: Llama, plan: TPPlan, group, sequence_parallel: bool) -> None:
     shard = vocab_shard("embed.weight", plan.vocab_size)
-    model.embed = VocabParallelEmbedding(
+    embed = VocabParallelEmbedding(
         plan.cut(shard, model.embed.weight),
         vocab_start=plan.vocab_start,
         group=group,
         sequence_parallel=sequence_parallel,
     )
-    mark(model.embed, shard)
+    _replace(model, "embed", mark(embed, shard))
     if model.cfg.tie_embeddings:
         model.head = ShardedLinear(torch.empty(0, 0, device="meta"))
-        model.head.weight = model.embed.weight
+        model.head.weight = embed.weight
     else:
         shard = vocab_shard("head.weight", plan.vocab_size)
         model.head = ShardedLinear(plan.cut(shard, model.head.weight))
@@ -209,11 +209,18 @@ def _shard_block(layer: TransformerBlock, prefix: str, plan: TPPlan, kv_group) -
         setattr(attn, name, mark(lin, shard, counted=first_replica))
     attn.wo = mark(ShardedLinear(plan.cut(shards["attn.wo"], attn.wo.weight)), shards["attn.wo"])
     gate_up, down = shards["mlp.w13"], shards["mlp.w2"]
-    layer.mlp = ParallelSwiGLU(
+    swiglu = ParallelSwiGLU(
         plan.cut(gate_up, mlp.w1.weight, mlp.w3.weight), plan.cut(down, mlp.w2.weight)
     )
-    mark(layer.mlp.w13, gate_up)
-    mark(layer.mlp.w2, down)
+    mark(swiglu.w13, gate_up)
+    mark(swiglu.w2, down)
+    _replace(layer, "mlp", swiglu)
+
+
+def _replace(parent: nn.Module, name: str, module: nn.Module) -> None:
+    """Put a parallel module where the plain model has its plain one: same name, same forward
+    contract, another class (which the plain model's attribute types do not name)."""
+    setattr(parent, name, module)
 
 
 def tag_plain_names(model: Llama) -> None:

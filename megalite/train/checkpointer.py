@@ -23,7 +23,6 @@ import torch.distributed as dist
 from megalite.checkpoint import store, training, universal
 from megalite.checkpoint.background import HostStaging, PendingSave
 from megalite.config import Config
-from megalite.data.mixture import configured_sources
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.parallelize import shard_specs
 
@@ -48,6 +47,7 @@ class Checkpointer:
         engine: Any,
         dims: ParallelDims,
         root: Path,
+        data_path: str,
         wandb_run_id: str | None = None,
     ) -> None:
         self.cfg, self.engine, self.dims, self.root = cfg, engine, dims, root
@@ -61,7 +61,7 @@ class Checkpointer:
             timeout = timedelta(seconds=cfg.trainer.collective_timeout)
             self.save_group = dist.new_group(backend="gloo", timeout=timeout)
         self.tp_shards = _all_shard_specs(engine.module)
-        self.data_path = configured_sources(cfg.data)[0].path
+        self.data_path = data_path  # recorded in the meta: the converters find the tokenizer there
 
     # ---- save -------------------------------------------------------------------------------
 

@@ -8,20 +8,20 @@ import torch
 
 from megalite.config import Config
 from megalite.data.loader import Loader
-from megalite.data.mixture import configured_sources
+from megalite.data.mixture import SourceSpec
 from megalite.data.shards import Retry
 from megalite.data.stream import TokenStream
 from megalite.parallel.dims import ParallelDims
 
 
 def rank_stream(
-    cfg: Config, dims: ParallelDims, split: str, *, shuffle: bool
+    cfg: Config, dims: ParallelDims, sources: list[SourceSpec], split: str, *, shuffle: bool
 ) -> functools.partial[TokenStream]:
-    """A factory of this rank's stream of `split` (picklable, for loader workers)."""
+    """A factory of this rank's stream of `split` of `sources` (picklable, for loader workers)."""
     t, d = cfg.trainer, cfg.data
     return functools.partial(
         TokenStream,
-        configured_sources(d),
+        sources,
         split,
         seq_len=t.seq_len,
         micro_batch_size=t.micro_batch_size,
@@ -33,10 +33,12 @@ def rank_stream(
     )
 
 
-def train_loader(cfg: Config, dims: ParallelDims, device: torch.device) -> Loader:
+def train_loader(
+    cfg: Config, dims: ParallelDims, sources: list[SourceSpec], device: torch.device
+) -> Loader:
     """The training stream, read ahead by `data.workers` processes."""
     return Loader(
-        rank_stream(cfg, dims, "train", shuffle=cfg.data.shuffle),
+        rank_stream(cfg, dims, sources, "train", shuffle=cfg.data.shuffle),
         workers=cfg.data.workers,
         prefetch=cfg.data.prefetch,
         pin_memory=device.type == "cuda",

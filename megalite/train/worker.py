@@ -235,11 +235,13 @@ def make_trainer(
 ) -> Trainer:
     """The loop with what it leans on: this rank's data, its checkpoints under
     `run_dir/checkpoints`, the anomaly policy. Collective (the checkpointer's set-up)."""
+    sources = configured_sources(cfg.data)
     checkpointer = Checkpointer(
         cfg,
         engine=engine,
         dims=dims,
         root=run_dir / "checkpoints",
+        data_path=sources[0].path,
         wandb_run_id=logbook.wandb_run_id,
     )
     return Trainer(
@@ -248,8 +250,8 @@ def make_trainer(
         scheduler=scheduler,
         dims=dims,
         device=device,
-        train_data=train_loader(cfg, dims, device),
-        val_data=rank_stream(cfg, dims, "val", shuffle=False),
+        train_data=train_loader(cfg, dims, sources, device),
+        val_data=rank_stream(cfg, dims, sources, "val", shuffle=False),
         checkpointer=checkpointer,
         anomalies=AnomalyPolicy(cfg.trainer),
         logbook=logbook,

@@ -34,7 +34,8 @@ def _rank(rank: int, world: int, root: str) -> None:
                           "data.path=/data/sample", "logging.wandb.mode=disabled"])  # fmt: skip
     model, loss_fn = build_model(cfg, dims, torch.device("cpu"))
     engine, _ = build_engine(model, cfg, dims)
-    ck = Checkpointer(cfg, engine=engine, dims=dims, root=Path(root), wandb_run_id="run-1")
+    ck = Checkpointer(cfg, engine=engine, dims=dims, root=Path(root), data_path="/data/sample",
+                      wandb_run_id="run-1")  # fmt: skip
 
     def state(step: int) -> dict:
         return {"step": step, "consumed_tokens": 16 * step, "mine": rank}
