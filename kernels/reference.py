@@ -6,7 +6,8 @@ the fallback can never drift apart. This module imports torch only (never triton
 it never fails for lack of triton; nothing in this package imports the model (kernels are the
 lowest layer).
 
-- `rms_norm`: Hugging Face's LlamaRMSNorm, optionally after a residual add (`rmsnorm.rms_norm`).
+- `rms_norm`: Hugging Face's LlamaRMSNorm; `add_rms_norm` after a residual add
+  (`rmsnorm.rms_norm`, with and without `residual=`).
 - `rotate_half`, `apply_rotary`: Hugging Face's rotate-half RoPE of one tensor; `apply_rotary_qk`
   of q and k (`rotary.apply_rotary_qk`).
 - `swiglu`: silu(gate) * up (`swiglu.swiglu`).
@@ -16,35 +17,28 @@ lowest layer).
 
 from __future__ import annotations
 
-from typing import overload
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 
-@overload
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: None = None
-) -> torch.Tensor: ...
-@overload
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]: ...
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x / rms(x) * weight over the last dim; with `residual`, (norm(h), h) for h = x + residual.
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight over the last dim.
 
     Normalised in fp32 and cast back to x's dtype before the weight multiplies it, the order of
     Hugging Face's LlamaRMSNorm, so a converted checkpoint reproduces its outputs bit for bit.
     """
-    if residual is not None:
-        h = x + residual  # (..., dim)
-        return rms_norm(h, weight, eps), h
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., dim)
     return weight * normed.to(x.dtype)  # (..., dim)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(h), h) for h = x + residual: the fused kernel's `residual=` form."""
+    h = x + residual  # (..., dim)
+    return rms_norm(h, weight, eps), h
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

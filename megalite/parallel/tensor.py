@@ -18,6 +18,8 @@ Triton kernel or the torch reference is chosen).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -51,47 +53,35 @@ def _reduce_scatter_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tens
     return out  # (b, s / tp, h)
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _all_reduce(grad, ctx.group), None
+def _identity(x: torch.Tensor, _group: dist.ProcessGroup) -> torch.Tensor:
+    return x
 
 
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        return _all_reduce(x, group)
+def _paired(
+    forward: Callable[[torch.Tensor, dist.ProcessGroup], torch.Tensor],
+    backward: Callable[[torch.Tensor, dist.ProcessGroup], torch.Tensor],
+) -> type[torch.autograd.Function]:
+    """An autograd function that runs `forward` on its input and `backward` on its gradient,
+    both over the group it is applied with."""
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+    class Paired(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+            ctx.group = group
+            return forward(x, group)
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return backward(grad, ctx.group), None
+
+    Paired.__name__ = Paired.__qualname__ = f"Paired_{forward.__name__}_{backward.__name__}"
+    return Paired
 
 
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _all_gather_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _reduce_scatter_seq(grad, ctx.group), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _reduce_scatter_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _all_gather_seq(grad, ctx.group), None
+_CopyToTP = _paired(_identity, _all_reduce)
+_ReduceFromTP = _paired(_all_reduce, _identity)
+_GatherSeq = _paired(_all_gather_seq, _reduce_scatter_seq)
+_ReduceScatterSeq = _paired(_reduce_scatter_seq, _all_gather_seq)
 
 
 def copy_to_tp(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

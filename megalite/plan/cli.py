@@ -139,6 +139,18 @@ def _law(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _sized(p: argparse.ArgumentParser, *, what: str, example: str) -> None:
+    """A model given as a preset or by its size, its tokens, the loss law, the output options;
+    `what` is what the command works out when the tokens or the size is not given."""
+    p.add_argument("--model", help="a preset of conf/model/: its size, its exact FLOPs per token")
+    p.add_argument("--params", type=_count, help="a model of this size (6N FLOPs per token)")
+    p.add_argument("--tokens", type=_count, help=f"training tokens (without: {what})")
+    p.add_argument("--seq-len", type=int, help="for --model (default: its max_seq_len)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=example)
+    _law(p)
+    _common(p)
+
+
 def _gpu(p: argparse.ArgumentParser, *, default: str | None) -> None:
     p.add_argument(
         "--gpu",
@@ -199,26 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chinchilla", help="compute-optimal parameters, tokens and loss")
     p.add_argument("--compute", type=_count, nargs="+", metavar="FLOPS")
-    p.add_argument("--params", type=_count, help="model size: give the optimal tokens")
-    p.add_argument("--tokens", type=_count, help="token count: give the optimal size")
-    p.add_argument("--model", help="a preset: its size, with its exact FLOPs per token")
-    p.add_argument("--seq-len", type=int, help="for --model (default: its max_seq_len)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="model=7b seq_len=4096")
-    _law(p)
-    _common(p)
+    _sized(p, what="the other: its compute-optimal value", example="model=7b seq_len=4096")
     p.set_defaults(run=commands.chinchilla)
 
     p = sub.add_parser("budget", help="what a cluster buys, or what a job costs")
     _gpu(p, default="h100")
     p.add_argument("--days", type=float)
     p.add_argument("--price-per-gpu-hour", type=float, help="for the cost, in dollars")
-    p.add_argument("--model", help="a job: this preset (with --tokens, or --days, or optimal)")
-    p.add_argument("--params", type=_count, help="a job of this size (6N FLOPs per token)")
-    p.add_argument("--tokens", type=_count)
-    p.add_argument("--seq-len", type=int, help="for --model (default: its max_seq_len)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="model=7b gpus=512 ...")
-    _law(p)
-    _common(p)
+    _sized(p, what="--days, or the compute-optimal tokens", example="model=7b gpus=512 ...")
     p.set_defaults(run=commands.budget)
 
     p = sub.add_parser("estimate", help="FLOPs, memory per GPU and step time of one layout")

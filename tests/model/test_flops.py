@@ -4,6 +4,7 @@ import pytest
 
 from megalite.config import ModelConfig
 from megalite.model import count_params, flops_per_token, flops_per_token_6n
+from megalite.plan.presets import load_preset
 
 
 def test_flops_per_token_by_hand() -> None:
@@ -29,20 +30,8 @@ def test_count_params_by_hand() -> None:
     assert count_params(tied, exclude_embeddings=True) == 1704 - 2 * 256
 
 
-def llama2_7b() -> ModelConfig:
-    return ModelConfig(
-        name="7b",
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=32,
-        ffn_dim=11008,
-        vocab_size=32000,
-    )
-
-
 def test_6n_close_to_exact_for_7b() -> None:
-    cfg = llama2_7b()
+    cfg = load_preset("7b")  # Llama-2-7B
     exact, approx = flops_per_token(cfg, 4096), flops_per_token_6n(cfg)
     assert 1.0 <= exact / approx <= 1.3
     # exact = 6 * (N - norm gains) + 12 * L * s * d, the PaLM formula
@@ -53,7 +42,7 @@ def test_6n_close_to_exact_for_7b() -> None:
 
 
 def test_count_params_consistent_for_7b() -> None:
-    cfg = llama2_7b()
+    cfg = load_preset("7b")  # Llama-2-7B
     total = count_params(cfg)
     assert total == 6_738_415_616
     assert total - count_params(cfg, exclude_embeddings=True) == 2 * cfg.vocab_size * cfg.dim

@@ -162,7 +162,7 @@ def case_builders(args: argparse.Namespace, device: torch.device) -> list[Callab
             f"rmsnorm+residual {'fwd+bwd' if backward else 'fwd'}", "rmsnorm_residual",
             (8 if backward else 4) * t * h * e + (2 if backward else 1) * h * e, (x, w, r),
             {"triton": lambda x, w, r: rms_norm(x, w, EPS, residual=r),
-             "eager": lambda x, w, r: reference.rms_norm(x, w, EPS, residual=r)},
+             "eager": lambda x, w, r: reference.add_rms_norm(x, r, w, EPS)},
             backward, dys,
         )  # fmt: skip
 
