@@ -1,6 +1,8 @@
 """`python tools/prepare_data.py` / `megalite-prepare`: the command line over `prepare()`.
 
     prepare_data --input PATH... --output DIR [options]   prepare (or resume preparing) a folder
+    prepare_data --format chat|prompt-response --input x.jsonl --tokenizer MODEL_DIR \
+        --seq-len N --output DIR                          fine-tuning data with a loss mask
     prepare_data stats DIR [--plot [PNG]] [--top K]       report what a prepared folder holds
 
 Bad input (a missing path, no documents, a jsonl line without the text field, a missing tokenizer)
@@ -18,6 +20,7 @@ from pathlib import Path
 from megalite.data.errors import DataError
 from megalite.data.manifest import Manifest
 from megalite.data.prepare import DEDUP_MODES, EOD_TOKEN, prepare
+from megalite.data.sft import FORMATS
 
 PROG = "prepare_data"
 _STAGE_WORDS = {
@@ -50,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok = p.add_mutually_exclusive_group()
     tok.add_argument(
         "--tokenizer",
-        metavar="FILE",
-        help="an existing tokenizer.json or SentencePiece *.model (default: train a byte-level "
+        metavar="PATH",
+        help="an existing tokenizer.json or SentencePiece *.model, or a model folder holding "
+        "one (with its tokenizer_config.json: EOS, chat template) (default: train a byte-level "
         "BPE)",
     )
     tok.add_argument(
@@ -79,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokens per stored sample (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the train/val split")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="text",
+        help="text: documents for pretraining; chat ({'messages': [{'role', 'content'}...]}) or "
+        "prompt-response ({'prompt', 'response'}) jsonl: fine-tuning records, only assistant / "
+        "response tokens trained, packed into windows of --seq-len + 1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        metavar="N",
+        help="fine-tuning: the trainer.seq_len the windows are packed for",
+    )
     p.add_argument(
         "--txt-document",
         choices=("paragraph", "file"),
@@ -213,6 +231,8 @@ def _prepare(args: argparse.Namespace) -> Manifest:
         max_chars=args.max_chars,
         max_symbol_fraction=args.max_symbol_fraction,
         max_tokens=args.max_tokens,
+        data_format=args.format,
+        seq_len=args.seq_len,
         workers=args.workers,
         progress=True,
     )
@@ -235,20 +255,34 @@ def summary(manifest: Manifest) -> str:
         for stage, words in _STAGE_WORDS.items()
         if f"{stage}_dropped" in st
     ]
+    docs = "records" if manifest.loss_mask else "documents"
     lines = [
         f"prepared {manifest.root}",
-        f"  documents: {st['documents_read']:,} read from {st['input_files']} file(s); "
+        f"  {docs}: {st['documents_read']:,} read from {st['input_files']} file(s); "
         f"dropped: {', '.join(dropped)}; {st['documents_kept']:,} kept",
         f"  tokenizer: {manifest.tokenizer}, vocab {manifest.vocab_size:,} ({manifest.dtype}), "
         f"{manifest.eod_token} = {manifest.eod_token_id}",
     ]
+    samples = f"windows of {manifest.window}" if manifest.loss_mask else "samples"
     for name, split in manifest.splits.items():
         n = len(split.shards)
         lines.append(
-            f"  {name}: {split.documents:,} documents, {split.tokens:,} tokens, "
-            f"{split.samples:,} samples in {n} shard{'s' if n != 1 else ''}"
+            f"  {name}: {split.documents:,} {docs}, {split.tokens:,} tokens, "
+            f"{split.samples:,} {samples} in {n} shard{'s' if n != 1 else ''}"
         )
+    if manifest.loss_mask:
+        lines.append(_packing_line(st))
     return "\n".join(lines)
+
+
+def _packing_line(st: dict[str, int]) -> str:
+    """Fine-tuning data: what was trained, and what packing cut or dropped."""
+    return (
+        f"  tokens: {st['trained_tokens']:,} trained, {st['context_tokens']:,} context, "
+        f"{st['padding_tokens']:,} padding; {st['records_truncated']:,} records cut to the "
+        f"window; {st['windows_dropped']:,} windows without a trained token dropped "
+        f"({st['records_dropped']:,} records)"
+    )
 
 
 if __name__ == "__main__":

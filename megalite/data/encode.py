@@ -5,11 +5,16 @@ A tokenizer travels as the bytes of its file (`TokenizerFile`): that is what is 
 prepared folder, what the resume fingerprint covers, and what worker processes rebuild their
 `Encoder` from. SentencePiece models are encoded with the sentencepiece library itself, so the ids
 are exactly what `SentencePieceProcessor.encode` gives.
+
+`--tokenizer` may also name a folder (a Hugging Face model folder, or a checkpoint folder that
+`tools/convert.py from-hf` wrote): its tokenizer.json, else its tokenizer.model, with the EOS,
+BOS and chat template of its tokenizer_config.json (`TokenizerConfig`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +45,16 @@ class TokenizerFile:
         return SENTENCEPIECE_NAME if self.kind == "sentencepiece" else TOKENIZER_NAME
 
 
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """What a model folder's tokenizer_config.json (and chat_template.jinja) says beyond the
+    tokenizer file: the special tokens a chat template refers to, and the template itself."""
+
+    eos_token: str | None = None
+    bos_token: str | None = None
+    chat_template: str | None = None
+
+
 def load_tokenizer(path: Path, *, eod_token: str | None) -> TokenizerFile:
     """Read a tokenizer file: `*.model` is SentencePiece, anything else a tokenizer.json.
     Checks that it loads and has the end-of-document token (`Encoder` raises otherwise)."""
@@ -51,6 +66,49 @@ def load_tokenizer(path: Path, *, eod_token: str | None) -> TokenizerFile:
     tokenizer = TokenizerFile(kind, path.read_bytes(), eod_token)
     Encoder(tokenizer, source=str(path))
     return tokenizer
+
+
+def find_tokenizer(path: Path) -> tuple[Path, TokenizerConfig]:
+    """`--tokenizer PATH` → the tokenizer file and the config beside it. A file is itself (no
+    config: today's behaviour); a folder gives its tokenizer.json, else its tokenizer.model, and
+    its tokenizer_config.json."""
+    if not path.is_dir():
+        return path, TokenizerConfig()
+    for name in (TOKENIZER_NAME, SENTENCEPIECE_NAME):
+        if (path / name).is_file():
+            return path / name, read_tokenizer_config(path)
+    raise DataError(f"tokenizer folder {path} holds no {TOKENIZER_NAME} or {SENTENCEPIECE_NAME}")
+
+
+def read_tokenizer_config(folder: Path) -> TokenizerConfig:
+    """`folder`'s tokenizer_config.json (absent: all None). A special token may be written as a
+    string or as an AddedToken dict with "content"; the template may also be chat_template.jinja
+    beside it (transformers ≥ 4.43 saves it there)."""
+    path = folder / "tokenizer_config.json"
+    raw: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise DataError(f"{path} is not valid JSON ({exc})") from None
+    template = raw.get("chat_template")
+    jinja = folder / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return TokenizerConfig(
+        eos_token=_token_content(raw.get("eos_token")),
+        bos_token=_token_content(raw.get("bos_token")),
+        chat_template=template if isinstance(template, str) else None,
+    )
+
+
+def _token_content(token: Any) -> str | None:
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else None
 
 
 def train_tokenizer(texts: Iterator[str], *, vocab_size: int, eod_token: str) -> TokenizerFile:
@@ -89,9 +147,18 @@ def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
 
 class Encoder:
     """Text → token ids with a `TokenizerFile`. `threads=1` keeps it to one core (in a worker);
-    None lets the library use its own thread pool."""
+    None lets the library use its own thread pool. A special token written in the text is text,
+    unless `parse_special` (for a rendered chat template, whose markers are special tokens; a
+    tokenizer.json only: the sentencepiece library cannot)."""
 
-    def __init__(self, tokenizer: TokenizerFile, *, threads: int | None = None, source: str = ""):
+    def __init__(
+        self,
+        tokenizer: TokenizerFile,
+        *,
+        threads: int | None = None,
+        source: str = "",
+        parse_special: bool = False,
+    ):
         self.kind, self.threads = tokenizer.kind, threads
         source = source or tokenizer.name
         if tokenizer.kind == "sentencepiece":
@@ -107,7 +174,7 @@ class Encoder:
                     f"tokenizer has no end-of-document token {self.eod_token!r} (see --eod-token)"
                 )
             self.eod_id = int(eod_id)
-            self._hf.encode_special_tokens = True  # a literal "<|endoftext|>" in text is text
+            self._hf.encode_special_tokens = not parse_special  # else "<|endoftext|>" is text
             vocab = self._hf.get_vocab(with_added_tokens=True).values()
             self.vocab_size = max(vocab) + 1  # ids may have gaps
 
@@ -181,6 +248,7 @@ class EncodeTask:
     kind: str
     eod_token: str | None
     threads: int | None
+    parse_special: bool = False
 
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(all ids concatenated as uint32, one length per text): cheap to send between
@@ -194,7 +262,9 @@ class EncodeTask:
 @functools.lru_cache(maxsize=4)
 def _task_encoder(task: EncodeTask) -> Encoder:
     tokenizer = TokenizerFile(task.kind, Path(task.path).read_bytes(), task.eod_token)
-    return Encoder(tokenizer, threads=task.threads, source=task.path)
+    return Encoder(
+        tokenizer, threads=task.threads, source=task.path, parse_special=task.parse_special
+    )
 
 
 def unpack(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:

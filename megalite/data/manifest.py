@@ -10,6 +10,12 @@ counts and its sha256, which lets every data-parallel rank plan its share of an 
 manifest alone and lets the reader detect a damaged shard.
 
 Shards are plain WebDataset tars (`webdataset.WebDataset(url)` reads them).
+
+Fine-tuning data (`--format chat|prompt-response`) adds `data_format`, `loss_mask: true` (the
+tokens are int32, a context token stored as -(id + 1): `loss_mask.py`) and `window`: every sample
+is one packed window of exactly that many tokens (seq_len + 1), which a stream must read whole.
+These keys are written only when they differ from pretraining's defaults, so a pretraining
+manifest is the same bytes as before they existed, and old manifests load unchanged.
 """
 
 from __future__ import annotations
@@ -20,12 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from megalite.data.errors import DataError
+from megalite.data.loss_mask import MASKED_DTYPE
 from megalite.files import atomic_write
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 FORMAT_VERSION = 1
 TOKENS_SUFFIX = "tokens.npy"  # the one member of every tar sample: `<key>.tokens.npy`
+DTYPES = ("uint16", "uint32", MASKED_DTYPE)
+_SFT_DEFAULTS = {"data_format": "text", "loss_mask": False, "window": None}  # left out of JSON
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,7 @@ class Manifest:
 
     root: Path
     vocab_size: int
-    dtype: str  # numpy dtype name of the stored tokens: "uint16" or "uint32"
+    dtype: str  # numpy dtype name of the stored tokens: "uint16", "uint32" (or int32: loss_mask)
     eod_token: str
     eod_token_id: int
     tokenizer_sha256: str
@@ -80,6 +89,9 @@ class Manifest:
     stats: dict[str, int] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     tokenizer: str = TOKENIZER_NAME  # file name in `root`: tokenizer.json or a SentencePiece .model
+    data_format: str = "text"  # "text" (pretraining), "chat" or "prompt-response" (fine-tuning)
+    loss_mask: bool = False  # tokens carry the loss mask (`loss_mask.py`)
+    window: int | None = None  # tokens per packed sample (seq_len + 1); None: a token stream
 
     @property
     def tokenizer_path(self) -> Path:
@@ -107,6 +119,9 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         """The manifest as written to disk: no root, no timestamps, totals added for readers."""
         out = {k: v for k, v in asdict(self).items() if k not in ("root", "splits")}
+        for key, default in _SFT_DEFAULTS.items():
+            if out[key] == default:
+                del out[key]
         out["splits"] = {
             name: {
                 "shards": [asdict(s) for s in info.shards],
@@ -159,8 +174,8 @@ def _from_json(root: Path, raw: dict[str, Any]) -> Manifest:
     version = raw["format_version"]
     if version != FORMAT_VERSION:
         raise ValueError(f"format_version {version}, this code reads {FORMAT_VERSION}")
-    if raw["dtype"] not in ("uint16", "uint32"):
-        raise ValueError(f"token dtype {raw['dtype']!r} is neither uint16 nor uint32")
+    if raw["dtype"] not in DTYPES:
+        raise ValueError(f"token dtype {raw['dtype']!r} is not one of {', '.join(DTYPES)}")
     splits = {
         name: SplitInfo([ShardInfo(**s) for s in info["shards"]])
         for name, info in raw["splits"].items()
@@ -182,6 +197,9 @@ def _from_json(root: Path, raw: dict[str, Any]) -> Manifest:
         splits=splits,
         stats={k: int(v) for k, v in raw.get("stats", {}).items()},
         tokenizer=tokenizer,
+        data_format=str(raw.get("data_format", "text")),
+        loss_mask=bool(raw.get("loss_mask", False)),
+        window=None if raw.get("window") is None else int(raw["window"]),
     )
 
 

@@ -11,6 +11,11 @@ its split's `ShardWriter`, which cuts the token stream into samples and shards, 
 (fixed tar metadata, seeded hashes, canonical JSON), whatever the number of workers and however
 often the run was interrupted and resumed; `manifest.json` is written last and marks the folder
 complete.
+
+Fine-tuning data (`data_format` "chat" or "prompt-response", `sft.py`) runs the same two passes
+over records instead of texts: the first validates each record (a bad one names its file and
+line), dedups and splits it like a text; the second tokenises it with its loss mask and hands it
+to a `PackedWriter`, which packs whole records into windows of `seq_len + 1` tokens.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from megalite.data.encode import (
     SENTENCEPIECE_NAME,
     Encoder,
     EncodeTask,
+    TokenizerConfig,
     TokenizerFile,
+    find_tokenizer,
     load_tokenizer,
     train_tokenizer,
     unpack,
@@ -44,6 +51,7 @@ from megalite.data.encode import (
 from megalite.data.errors import DataError
 from megalite.data.filters import PrepareStats, QualityFilter
 from megalite.data.inputs import find_inputs, normalize, read_texts
+from megalite.data.loss_mask import MASKED_DTYPE
 from megalite.data.manifest import (
     MANIFEST_NAME,
     TOKENIZER_NAME,
@@ -53,8 +61,16 @@ from megalite.data.manifest import (
 )
 from megalite.data.parallel import Workers
 from megalite.data.resume import WORK_DIR, Journal, WorkFolder, fingerprint
+from megalite.data.sft import (
+    DEFAULT_CHAT_TEMPLATE,
+    FORMATS,
+    SFT_FORMATS,
+    ChatTemplate,
+    RecordTask,
+    read_records,
+)
 from megalite.data.split import SplitPlan
-from megalite.data.writer import ShardWriter
+from megalite.data.writer import PACKING_COUNTS, PackedWriter, ShardWriter, WriterPosition
 from megalite.files import atomic_write
 
 PREPARE_VERSION = 1  # bump when the bytes written for the same input and options change
@@ -91,6 +107,14 @@ class Options:
     minhash_perms: int = 128
     filters: QualityFilter = field(default_factory=QualityFilter)
     max_tokens: int | None = None
+    data_format: str = "text"  # or a fine-tuning format: "chat", "prompt-response"
+    seq_len: int | None = None  # fine-tuning: windows of seq_len + 1 tokens
+    chat_template: str | None = None  # "chat": the tokenizer's template (None: the default)
+    bos_token: str | None = None  # "chat": the template's `bos_token`
+
+    @property
+    def sft(self) -> bool:
+        return self.data_format in SFT_FORMATS
 
     def __post_init__(self) -> None:
         if self.vocab_size < MIN_VOCAB:
@@ -107,6 +131,21 @@ class Options:
             raise DataError(f"--max-tokens {self.max_tokens} must be ≥ 1")
         if self.dedup == "minhash":  # checks the threshold and the permutation count
             NearDupIndex(self.dedup_threshold, MinHasher(self.minhash_perms).perms)
+        self._check_format()
+
+    def _check_format(self) -> None:
+        if self.data_format not in FORMATS:
+            raise DataError(f"--format {self.data_format!r} must be one of {', '.join(FORMATS)}")
+        if not self.sft:
+            if self.seq_len is not None:
+                raise DataError("--seq-len packs fine-tuning data: it needs --format chat or "
+                                "prompt-response")  # fmt: skip
+            return
+        if self.tokenizer is None:
+            raise DataError(f"--format {self.data_format} needs --tokenizer (the model's)")
+        if self.seq_len is None or self.seq_len < 1:
+            raise DataError(f"--format {self.data_format} needs --seq-len N ≥ 1 (the training "
+                            "seq_len)")  # fmt: skip
 
     def stages(self) -> list[str]:
         dedup = {"exact": ["duplicates"], "minhash": ["duplicates", "near_duplicates"]}
@@ -134,6 +173,8 @@ def prepare(
     max_chars: int | None = None,
     max_symbol_fraction: float | None = None,
     max_tokens: int | None = None,
+    data_format: str = "text",
+    seq_len: int | None = None,
     workers: int = 1,
     progress: bool = False,
 ) -> Manifest:
@@ -144,9 +185,17 @@ def prepare(
     `val_fraction=0` (or a single document) gives a train split only. Resumes an interrupted
     preparation of the same inputs with the same options. Raises `DataError` for bad input:
     missing paths, no documents, a record without `text_field`, a damaged file, a tokenizer file
-    that is missing or lacks the end-of-document token.
+    that is missing or lacks the end-of-document token. `tokenizer` may be a model folder
+    (`encode.find_tokenizer`): its EOS is the end-of-document token unless `eod_token` is given.
+
+    `data_format` "chat" or "prompt-response" prepares fine-tuning records (`sft.py`) into
+    windows of `seq_len + 1` tokens carrying their loss mask; `sample_tokens` does not apply.
     """
-    tok_path = None if tokenizer is None else str(Path(tokenizer).expanduser())
+    tok_path, config = None, TokenizerConfig()
+    if tokenizer is not None:
+        found, config = find_tokenizer(Path(tokenizer).expanduser())
+        tok_path, eod_token = str(found), eod_token or config.eos_token
+    chat = data_format == "chat"
     opts = Options(
         tokenizer=tok_path,
         vocab_size=vocab_size,
@@ -162,12 +211,19 @@ def prepare(
         minhash_perms=minhash_perms,
         filters=QualityFilter(min_chars, max_chars, max_symbol_fraction),
         max_tokens=max_tokens,
+        data_format=data_format,
+        seq_len=seq_len,
+        chat_template=config.chat_template if chat else None,
+        bos_token=config.bos_token if chat else None,
     )
     files = find_inputs(inputs)
     out = Path(output).expanduser()
     if out.exists() and not out.is_dir():
         raise DataError(f"output {out} exists and is not a folder")
     loaded = load_tokenizer(Path(tok_path), eod_token=opts.eod_token) if tok_path else None
+    if chat and loaded is not None and loaded.kind == "sentencepiece":
+        raise DataError("--format chat needs a tokenizer.json: the sentencepiece library cannot "
+                        "read a chat template's special tokens from text")  # fmt: skip
     work = WorkFolder(out, fingerprint(files, _fingerprint_options(opts, loaded)))
     with Workers(workers) as pool:
         pool.start()
@@ -220,8 +276,18 @@ def _first_pass(
 
 
 def _read(files: list[Path], opts: Options) -> Iterator[str]:
+    """The documents of the inputs: texts, or fine-tuning records as `sft.document`s."""
+    if not opts.sft:
+        for path in files:
+            yield from read_texts(path, txt_document=opts.txt_document, text_field=opts.text_field)
+        return
+    template = None
+    if opts.data_format == "chat":
+        source = opts.chat_template or DEFAULT_CHAT_TEMPLATE
+        eos = opts.eod_token or EOD_TOKEN  # a tokenizer.json's default (chat needs one)
+        template = ChatTemplate(source, bos_token=opts.bos_token, eos_token=eos)
     for path in files:
-        yield from read_texts(path, txt_document=opts.txt_document, text_field=opts.text_field)
+        yield from read_records(path, data_format=opts.data_format, template=template)
 
 
 def _candidates(
@@ -283,31 +349,25 @@ def _second_pass(
     enc = Encoder(first.tokenizer)
     journal = _load_journal(work, out, first.plan)
     fed = _Fed(journal.last_doc, journal.fed_tokens)
-    writers: dict[str, ShardWriter] = {}
+    writers: dict[str, ShardWriter | PackedWriter] = {}
 
     def save() -> None:  # after every shard written, in any split
         positions = {n: w.position for n, w in writers.items()}
         work.save_journal(Journal(positions, fed.last_doc, fed.tokens))
 
     for name in first.plan.split_names():
-        writers[name] = ShardWriter(
-            out / name,
-            dtype=enc.dtype,
-            eod_id=enc.eod_id,
-            sample_tokens=opts.sample_tokens,
-            samples_per_shard=max(1, opts.shard_tokens // opts.sample_tokens),
-            resume=journal.splits.get(name),
-            on_shard=save,
-        )
+        writers[name] = _writer(out / name, opts, enc, journal.splits.get(name), save)
     done = {n: w.position.documents_done for n, w in writers.items()}
     seen = dict.fromkeys(writers, 0)
-    task = EncodeTask(
+    encode = EncodeTask(
         path=str(out / first.tokenizer.name),
         sha256=hashlib.sha256(first.tokenizer.data).hexdigest(),
         kind=first.tokenizer.kind,
         eod_token=first.tokenizer.eod_token,
         threads=1 if pool.n > 1 else None,  # a worker keeps to its core
+        parse_special=opts.data_format == "chat",  # a template's markers are special tokens
     )
+    task = RecordTask(encode) if opts.sft else encode
     total, off = first.plan.documents, not progress
     bar = tqdm(total=total, unit="doc", desc="tokenising", file=sys.stderr, disable=off)
 
@@ -337,6 +397,35 @@ def _second_pass(
     return _manifest(out, opts, first, enc, writers)
 
 
+def _writer(
+    folder: Path,
+    opts: Options,
+    enc: Encoder,
+    resume: WriterPosition | None,
+    on_shard: Callable[[], None],
+) -> ShardWriter | PackedWriter:
+    """A split's writer: a token stream cut into samples, or fine-tuning records packed."""
+    if opts.sft:
+        assert opts.seq_len is not None
+        return PackedWriter(
+            folder,
+            pad_id=enc.eod_id,
+            window=opts.seq_len + 1,
+            samples_per_shard=max(1, opts.shard_tokens // (opts.seq_len + 1)),
+            resume=resume,
+            on_shard=on_shard,
+        )
+    return ShardWriter(
+        folder,
+        dtype=enc.dtype,
+        eod_id=enc.eod_id,
+        sample_tokens=opts.sample_tokens,
+        samples_per_shard=max(1, opts.shard_tokens // opts.sample_tokens),
+        resume=resume,
+        on_shard=on_shard,
+    )
+
+
 @dataclass
 class _Fed:
     """The input index of the last document fed to a writer and the tokens fed up to it."""
@@ -348,7 +437,7 @@ class _Fed:
 def _feed(
     batch: list[tuple[Document, str]],
     ids: list[np.ndarray],
-    writers: dict[str, ShardWriter],
+    writers: dict[str, ShardWriter | PackedWriter],
     fed: _Fed,
     max_tokens: int | None,
 ) -> bool:
@@ -360,7 +449,8 @@ def _feed(
         if doc.index > fed.last_doc:
             if max_tokens is not None and fed.tokens >= max_tokens:
                 return False
-            fed.last_doc, fed.tokens = doc.index, fed.tokens + len(doc_ids) + 1
+            fed.last_doc = doc.index
+            fed.tokens += len(doc_ids) + writers[split].ADDED_TOKENS
         writers[split].add(doc_ids)
     return True
 
@@ -380,7 +470,11 @@ def _kept(files: list[Path], opts: Options, keep: np.ndarray) -> Iterator[Docume
 
 
 def _manifest(
-    out: Path, opts: Options, first: _FirstPass, enc: Encoder, writers: dict[str, ShardWriter]
+    out: Path,
+    opts: Options,
+    first: _FirstPass,
+    enc: Encoder,
+    writers: dict[str, ShardWriter | PackedWriter],
 ) -> Manifest:
     splits = {name: SplitInfo(w.close()) for name, w in writers.items()}
     stats = PrepareStats(first.stats.input_files, first.stats.documents_read)
@@ -388,28 +482,41 @@ def _manifest(
     written = sum(s.documents for s in splits.values())
     if opts.max_tokens is not None:
         stats.dropped["max_tokens"] = first.plan.documents - written
-    for name in [n for n, s in splits.items() if not s.shards]:  # only the cap can empty one
+    cause = "dropping windows without a trained token"  # the cap, or packing, empties a split
+    if opts.max_tokens is not None:
+        cause = f"--max-tokens {opts.max_tokens}"
+    for name in [n for n, s in splits.items() if not s.shards]:
         if name == "train":
-            raise DataError(f"--max-tokens {opts.max_tokens} leaves no training documents")
-        log.warning("--max-tokens %d leaves split %r empty: left out", opts.max_tokens, name)
+            raise DataError(f"{cause} leaves no training documents")
+        log.warning("%s leaves split %r empty: left out", cause, name)
         del splits[name]
         with contextlib.suppress(OSError):  # leave a folder that holds other files
             (out / name).rmdir()
+    window = None if opts.seq_len is None else opts.seq_len + 1
     return Manifest(
         root=out,
         vocab_size=enc.vocab_size,
-        dtype=enc.dtype.name,
+        dtype=MASKED_DTYPE if opts.sft else enc.dtype.name,
         eod_token=enc.eod_token,
         eod_token_id=enc.eod_id,
         tokenizer_sha256=hashlib.sha256(first.tokenizer.data).hexdigest(),
         seed=opts.seed,
-        sample_tokens=opts.sample_tokens,
+        sample_tokens=window or opts.sample_tokens,
         shard_tokens=opts.shard_tokens,
         val_fraction=opts.val_fraction,
         splits=splits,
-        stats=stats.as_dict(),
+        stats=stats.as_dict() | _packing_counts(writers),
         tokenizer=first.tokenizer.name,
+        data_format=opts.data_format,
+        loss_mask=opts.sft,
+        window=window,
     )
+
+
+def _packing_counts(writers: dict[str, ShardWriter | PackedWriter]) -> dict[str, int]:
+    """The `PackedWriter` counters summed over the splits (none for pretraining data)."""
+    packed = [w for w in writers.values() if isinstance(w, PackedWriter)]
+    return {k: sum(w.counts[k] for w in packed) for k in PACKING_COUNTS} if packed else {}
 
 
 def _fingerprint_options(opts: Options, loaded: TokenizerFile | None) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Per split and per shard: tokens, documents (EOD tokens) and samples; the documen
 distribution over the split's token stream (tokens between EOD tokens, which may span samples and
 shards) as log2-binned text histogram and, with `--plot`, a PNG; and the most frequent tokens,
 decoded with the folder's own tokenizer. Shards are read with `read_shard`, so a damaged one
-fails with its name.
+fails with its name. Fine-tuning data (packed windows with a loss mask) reports its records (from
+the manifest) and trained tokens instead of document lengths: its EOD tokens are padding too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from megalite.data.codec import read_shard
 from megalite.data.encode import SENTENCEPIECE_NAME, Encoder, TokenizerFile
+from megalite.data.loss_mask import decode
 from megalite.data.manifest import Manifest, SplitTotals, load_manifest
 
 _BAR = 40  # characters of the longest histogram bar
@@ -39,6 +41,7 @@ class SplitStats(SplitTotals):
     shards: list[ShardStats] = field(default_factory=list)
     lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     token_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    trained: int | None = None  # trained tokens, for data with a loss mask
 
 
 def compute_stats(manifest: Manifest, *, progress: bool = False) -> dict[str, SplitStats]:
@@ -47,21 +50,28 @@ def compute_stats(manifest: Manifest, *, progress: bool = False) -> dict[str, Sp
     out: dict[str, SplitStats] = {}
     with tqdm(total=total, unit="shard", file=sys.stderr, disable=not progress) as bar:
         for name, info in manifest.splits.items():
-            split = out[name] = SplitStats(name)
+            split = out[name] = SplitStats(name, trained=0 if manifest.loss_mask else None)
             counts = np.zeros(manifest.vocab_size, dtype=np.int64)
             lengths: list[np.ndarray] = []
             run = 0  # tokens since the last EOD, carried across samples and shards
             for path, shard in zip(manifest.shards(name), info.shards, strict=True):
                 samples = read_shard(path, shard, dtype=manifest.dtype)
                 flat = np.concatenate(samples) if samples else np.zeros(0, manifest.dtype)
+                if split.trained is not None:
+                    flat, trained = decode(flat)
+                    split.trained += int(trained.sum())
                 counts += np.bincount(flat, minlength=manifest.vocab_size)[: manifest.vocab_size]
                 eods = np.flatnonzero(flat == manifest.eod_token_id)
-                if len(eods):
+                if split.trained is not None:
+                    documents = shard.documents  # records; an EOD may be padding
+                elif len(eods):
                     lengths.append(np.diff(eods, prepend=-1 - run) - 1)
                     run = len(flat) - int(eods[-1]) - 1
+                    documents = len(eods)
                 else:
                     run += len(flat)
-                split.shards.append(ShardStats(shard.path, len(samples), len(eods), len(flat)))
+                    documents = 0
+                split.shards.append(ShardStats(shard.path, len(samples), documents, len(flat)))
                 bar.update()
             split.lengths = np.concatenate(lengths) if lengths else split.lengths
             split.token_counts = counts
@@ -105,7 +115,7 @@ def format_stats(manifest: Manifest, stats: dict[str, SplitStats], *, top: int =
             f"  {s.path:<32} {s.tokens:>14,} {s.documents:>11,} {s.samples:>9,}"
             for s in split.shards
         ]
-        lines += _length_lines(split.lengths)
+        lines += _length_lines(split.lengths) if split.trained is None else _trained_line(split)
         lines += _top_lines(split.token_counts, enc, top)
     return "\n".join(lines)
 
@@ -124,6 +134,11 @@ def _length_lines(lengths: np.ndarray) -> list[str]:
         bar = "█" * round(_BAR * count / peak)
         lines.append(f"    [{low:>7,}, {high:>7,})  {count:>10,}  {bar}")
     return lines
+
+
+def _trained_line(split: SplitStats) -> list[str]:
+    share = 100 * (split.trained or 0) / max(split.tokens, 1)
+    return [f"  trained tokens: {split.trained:,} of {split.tokens:,} ({share:.1f}%)"]
 
 
 def _top_lines(counts: np.ndarray, enc: Encoder, top: int) -> list[str]:

@@ -82,6 +82,7 @@ class TokenStream:
         self._cumulative[-1] = 1.0
         width = seq_len + 1
         for source in self.sources:
+            _check_window(source, width)
             if source.total < width:
                 raise DataError(
                     f"split {split!r} of {source.location.spec} has {source.total} tokens, fewer "
@@ -133,7 +134,8 @@ class TokenStream:
         return torch.from_numpy(self.next_tokens().astype(np.int64))
 
     def next_tokens(self) -> np.ndarray:
-        """`next_batch` in the stored token dtype (uint16/uint32): 4x less to move around."""
+        """`next_batch` in the stored token dtype (uint16/uint32, or int32 carrying a loss mask:
+        `loss_mask.split_window` reads it): less to move around than int64."""
         which, index = self._draw()
         mb = self.micro_batch_size
         mine = slice(self.dp_rank * mb, (self.dp_rank + 1) * mb)
@@ -226,6 +228,17 @@ class TokenStream:
             pieces.append(source.read(int(index[i]) * width, int(index[j - 1] + 1) * width))
             i = j
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _check_window(source: Source, width: int) -> None:
+    """Fine-tuning data is packed into windows of the prepared seq_len + 1 tokens, each starting
+    at a record: only a stream of that width reads one window per sample."""
+    window = source.location.manifest.window
+    if window is not None and window != width:
+        raise DataError(
+            f"data {source.location.spec} was packed for seq_len={window - 1}: "
+            f"set trainer.seq_len={window - 1}"
+        )
 
 
 def _open(

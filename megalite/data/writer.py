@@ -1,12 +1,13 @@
 """Writing a split's shards: documents in, fixed-length samples out, one shard at a time,
-resumable from the position after any shard."""
+resumable from the position after any shard. `ShardWriter` cuts one token stream (pretraining);
+`PackedWriter` packs whole SFT records into windows (fine-tuning)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from megalite.data.codec import shard_bytes
 from megalite.data.errors import DataError
+from megalite.data.loss_mask import MASKED_DTYPE
 from megalite.data.manifest import ShardInfo
 from megalite.files import atomic_write
 
@@ -26,6 +28,7 @@ class WriterPosition:
     shards: list[ShardInfo]
     documents_done: int = 0
     tokens_into_next: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # a `PackedWriter`'s counters
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "shards": [asdict(s) for s in self.shards]}
@@ -33,7 +36,24 @@ class WriterPosition:
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> WriterPosition:
         shards = [ShardInfo(**s) for s in raw["shards"]]
-        return cls(shards, int(raw["documents_done"]), int(raw["tokens_into_next"]))
+        counts = {str(k): int(v) for k, v in raw.get("counts", {}).items()}
+        return cls(shards, int(raw["documents_done"]), int(raw["tokens_into_next"]), counts)
+
+
+def write_shard(
+    folder: Path, samples: list[np.ndarray], *, index: int, first_key: int, documents: int
+) -> ShardInfo:
+    """Shard number `index` of `folder` (atomically), its samples keyed from `first_key`."""
+    name = f"shard-{index:06d}.tar"
+    data = shard_bytes(samples, first_key=first_key)
+    atomic_write(folder / name, data)
+    return ShardInfo(
+        path=f"{folder.name}/{name}",
+        samples=len(samples),
+        documents=documents,
+        tokens=sum(len(s) for s in samples),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
 
 
 class ShardWriter:
@@ -72,6 +92,8 @@ class ShardWriter:
         self._doc_ends: deque[int] = deque()  # split-stream offsets just past each document
         self._samples: list[np.ndarray] = []  # samples of the shard being filled
         self._shard_docs = 0
+
+    ADDED_TOKENS = 1  # what `add` puts after a document: the EOD token
 
     def add(self, ids: np.ndarray) -> None:
         """Append one document's token ids; the EOD token is added here."""
@@ -118,18 +140,14 @@ class ShardWriter:
             self._write_shard()
 
     def _write_shard(self) -> None:
-        name = f"shard-{len(self._shards):06d}.tar"
-        data = shard_bytes(self._samples, first_key=self._next_key)
-        atomic_write(self.folder / name, data)
-        self._shards.append(
-            ShardInfo(
-                path=f"{self.folder.name}/{name}",
-                samples=len(self._samples),
-                documents=self._shard_docs,
-                tokens=sum(len(s) for s in self._samples),
-                sha256=hashlib.sha256(data).hexdigest(),
-            )
+        shard = write_shard(
+            self.folder,
+            self._samples,
+            index=len(self._shards),
+            first_key=self._next_key,
+            documents=self._shard_docs,
         )
+        self._shards.append(shard)
         self._next_key += len(self._samples)
         self._samples, self._shard_docs = [], 0
         self.position = WriterPosition(
@@ -137,3 +155,108 @@ class ShardWriter:
         )
         if self.on_shard is not None:
             self.on_shard()
+
+
+class PackedWriter:
+    """One split's SFT records (stored tokens, `loss_mask.encode`d, end token included) → windows
+    of exactly `window` tokens → shards of `samples_per_shard` windows in `folder`.
+
+    Records are packed whole, in order, next-fit: a record that does not fit in the open window
+    closes it (the rest filled with `pad_id` stored as not trained) and opens the next. A record
+    longer than a window is cut to its first `window` tokens (counted: `records_truncated`); a
+    window with no trained target (position ≥ 1) is dropped (`windows_dropped`, with its records
+    in `records_dropped`). So every window starts at a record boundary, and a stream reading
+    windows of seq_len + 1 = `window` tokens back to back reads one packed window per sample.
+
+    Resumable like `ShardWriter`: a shard is written only when a window closes, with no record
+    open, so `position.documents_done` counts every record placed, and `position.counts` the
+    counters (also the trained, context and padding tokens of the written windows).
+    """
+
+    ADDED_TOKENS = 0  # records come with their end token
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        pad_id: int,
+        window: int,
+        samples_per_shard: int,
+        resume: WriterPosition | None = None,
+        on_shard: Callable[[], None] | None = None,
+    ) -> None:
+        self.folder, self.window, self.samples_per_shard = folder, window, samples_per_shard
+        self.on_shard = on_shard
+        self._pad = np.array([-pad_id - 1], dtype=MASKED_DTYPE)  # (1,) the pad, not trained
+        folder.mkdir(parents=True, exist_ok=True)
+        self.position = resume or WriterPosition([])
+        self._shards: list[ShardInfo] = list(self.position.shards)
+        self._next_key = sum(s.samples for s in self._shards)
+        self._records_done = self.position.documents_done
+        self.counts = dict.fromkeys(PACKING_COUNTS, 0) | self.position.counts
+        self._open: list[np.ndarray] = []  # the records of the open window
+        self._open_tokens = 0
+        self._samples: list[np.ndarray] = []  # windows of the shard being filled
+        self._shard_records = 0
+
+    def add(self, stored: np.ndarray) -> None:
+        """Place one record (its stored tokens, (n,) int32)."""
+        if self._open_tokens + len(stored) > self.window:
+            self._close_window()
+        if len(stored) > self.window:
+            stored = stored[: self.window]
+            self.counts["records_truncated"] += 1
+        self._open.append(stored)
+        self._open_tokens += len(stored)
+
+    def close(self) -> list[ShardInfo]:
+        self._close_window()
+        if self._samples:
+            self._write_shard()
+        return self._shards
+
+    def _close_window(self) -> None:
+        if not self._open:
+            return
+        pad = self.window - self._open_tokens
+        sample = np.concatenate([*self._open, np.repeat(self._pad, pad)])  # (window,)
+        records = len(self._open)
+        self._open, self._open_tokens = [], 0
+        self._records_done += records
+        if not (sample[1:] >= 0).any():
+            self.counts["windows_dropped"] += 1
+            self.counts["records_dropped"] += records
+            return
+        trained = int((sample >= 0).sum())
+        self.counts["trained_tokens"] += trained
+        self.counts["context_tokens"] += self.window - pad - trained
+        self.counts["padding_tokens"] += pad
+        self._shard_records += records
+        self._samples.append(sample)
+        if len(self._samples) == self.samples_per_shard:
+            self._write_shard()
+
+    def _write_shard(self) -> None:
+        shard = write_shard(
+            self.folder,
+            self._samples,
+            index=len(self._shards),
+            first_key=self._next_key,
+            documents=self._shard_records,
+        )
+        self._shards.append(shard)
+        self._next_key += len(self._samples)
+        self._samples, self._shard_records = [], 0
+        self.position = WriterPosition(list(self._shards), self._records_done, 0, dict(self.counts))
+        if self.on_shard is not None:
+            self.on_shard()
+
+
+PACKING_COUNTS = (
+    "records_truncated",
+    "windows_dropped",
+    "records_dropped",
+    "trained_tokens",
+    "context_tokens",
+    "padding_tokens",
+)
