@@ -42,8 +42,13 @@ PINNED = [
     "zstandard==0.25.0",  # prepare_data: .jsonl.zst input
     "sentencepiece==0.2.3",  # prepare_data: --tokenizer x.model
     "triton==3.9.0",  # kernels/: tested on CPU through its interpreter (TRITON_INTERPRET=1)
+    "jinja2==3.1.6",  # prepare_data --format chat (torch brings it too)
     "transformers==5.23.0",  # tests only: Hugging Face conversion parity
 ]
+# The oldest Triton the kernels support (megalite.model.ops.TRITON_OLDEST, what torch 2.11 ships):
+# tests/kernels run under it too, from an overlay of .venv. Its interpreter needs NumPy < 2.4
+# (2.4 made a size-1 array's conversion to a scalar an error, which Triton < 3.7 relies on).
+OLDEST_TRITON = ["triton==3.6.0", "numpy==2.3.5"]
 DEMO_RUN = "runs/demo"
 DEMO = [
     "launch/pretrain.py",
@@ -116,6 +121,22 @@ def test(extra: list[str]) -> None:
     run(VENV / "bin" / "lint-imports")  # the package layers (pyproject.toml [tool.importlinter])
     run(python(), "-m", "mypy", "megalite", "kernels")
     run(python(), "-m", "pytest", "-q", "-rs", *extra)  # -rs: each skip's reason
+    if not extra:  # the whole suite: the kernels again, under the oldest Triton supported
+        kernels_on_oldest_triton()
+
+
+def kernels_on_oldest_triton() -> None:
+    overlay = VENV / "oldest-triton"
+    stamp = overlay / ".megalite-stamp"
+    if not stamp.is_file() or stamp.read_text() != " ".join(OLDEST_TRITON):
+        shutil.rmtree(overlay, ignore_errors=True)
+        pip = [python(), "-m", "pip", "install", "--disable-pip-version-check", "-q", "--no-deps"]
+        run(*pip, "--target", overlay, *OLDEST_TRITON)
+        stamp.write_text(" ".join(OLDEST_TRITON))
+    triton = OLDEST_TRITON[0].split("==")[1]
+    env = {**os.environ, "PYTHONPATH": str(overlay), "MEGALITE_EXPECT_TRITON": triton}
+    print(f"tests/kernels under {' and '.join(OLDEST_TRITON)}", flush=True)
+    run(python(), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", env=env)
 
 
 def main() -> None:

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from megalite.kernels import reference
 
 _HALF = (torch.float16, torch.bfloat16)
+# The oldest Triton whose interpreter passes tests/kernels (what torch 2.11 ships); older ones are
+# not used by `auto` (the torch references run, and the log says why). tools/dev.py test checks it.
+TRITON_OLDEST = (3, 6)
 BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"  # kernels.backend; set once per process by `configure`
 _flash_allowed = True  # kernels.attention=auto; sdpa turns flash-attn off
@@ -38,8 +41,8 @@ def configure(backend: str, *, attention: str = "auto") -> None:
     global _backend, _flash_allowed
     if backend not in BACKENDS:
         raise ValueError(f"kernels.backend={backend!r}: use one of {BACKENDS}")
-    if backend == "triton" and _optional("triton") is None:
-        raise RuntimeError("kernels.backend=triton but triton is not importable here")
+    if backend == "triton" and _triton() is None:
+        raise RuntimeError(f"kernels.backend=triton but {_triton_missing()}")
     _backend, _flash_allowed = backend, attention != "sdpa"
 
 
@@ -49,7 +52,30 @@ def use_triton(device: torch.device) -> bool:
         return False
     if _backend == "triton":
         return True
-    return device.type == "cuda" and _optional("triton") is not None
+    return device.type == "cuda" and _triton() is not None
+
+
+def _triton() -> ModuleType | None:
+    """triton, if it imports and is a release the kernels are tested under (≥ TRITON_OLDEST)."""
+    triton = _optional("triton")
+    if triton is None or _release(getattr(triton, "__version__", "0")) < TRITON_OLDEST:
+        return None
+    return triton
+
+
+def _triton_missing() -> str:
+    """Why `_triton()` is None, for a log line or an error."""
+    triton = _optional("triton")
+    if triton is None:
+        return "triton is not importable here"
+    oldest = ".".join(map(str, TRITON_OLDEST))
+    return f"triton {triton.__version__} is older than {oldest}, the oldest the kernels support"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(3, 6) of "3.6.0" or "3.6.0+git1234"."""
+    parts = version.split("+")[0].split(".")[:2]
+    return tuple(int(p) if p.isdigit() else 0 for p in parts)
 
 
 @functools.cache
@@ -192,13 +218,12 @@ def describe_backends(
         attn = f"flash-attn {getattr(flash_attn, '__version__', '(unknown version)')}"
     else:
         attn = "torch sdpa"
-    triton = use_triton(device)
-    norm = "triton" if triton else "apex fused" if _use_apex(device) else "torch"
-    rest = "triton" if triton else "torch"
-    return {
-        "attention": attn,
-        "rms_norm": norm,
-        "rotary": rest,
-        "swiglu": rest,
-        "cross_entropy": "triton (chunked)" if triton else "torch",
-    }
+    if use_triton(device):
+        return {"attention": attn, "rms_norm": "triton", "rotary": "triton", "swiglu": "triton",
+                "cross_entropy": "triton (chunked)"}  # fmt: skip
+    fallback = "torch"
+    if device.type == "cuda" and _optional("triton") is not None:  # importable, but too old
+        fallback = f"torch ({_triton_missing()})"
+    norm = "apex fused" if _use_apex(device) else fallback
+    return {"attention": attn, "rms_norm": norm, "rotary": fallback, "swiglu": fallback,
+            "cross_entropy": fallback}  # fmt: skip

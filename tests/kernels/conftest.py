@@ -9,6 +9,16 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure() -> None:
+    """tools/dev.py test runs the kernels under two Tritons: with MEGALITE_EXPECT_TRITON set, a
+    run under another one than that stops at once."""
+    import triton
+
+    expected = os.environ.get("MEGALITE_EXPECT_TRITON")
+    if expected and triton.__version__ != expected:
+        raise pytest.UsageError(f"triton {triton.__version__} imported, {expected} expected")
+
+
 @pytest.fixture(autouse=True)
 def device():
     """CPU tensors through the interpreter; with TRITON_INTERPRET=0 on a CUDA machine, the GPU."""

@@ -62,7 +62,13 @@ def test_describe_backends_with_fake_kernels(monkeypatch: pytest.MonkeyPatch) ->
     assert cuda_bf16 == {"attention": "flash-attn 2.9", "rms_norm": "apex fused", **torch_rest}
     cuda_fp32 = describe_backends(device="cuda", dtype=torch.float32)
     assert cuda_fp32 == {"attention": "torch sdpa", "rms_norm": "apex fused", **torch_rest}
-    fake["triton"] = types.SimpleNamespace()  # with triton, auto takes megalite's kernels on CUDA
+    fake["triton"] = types.SimpleNamespace(__version__="3.4.0")  # too old: the references run
+    old = describe_backends(device="cuda", dtype=torch.bfloat16)
+    assert old["rms_norm"] == "apex fused"
+    assert old["swiglu"] == "torch (triton 3.4.0 is older than 3.6, the oldest the kernels support)"
+    with pytest.raises(RuntimeError, match="triton 3.4.0 is older than 3.6"):
+        ops.configure("triton")
+    fake["triton"] = types.SimpleNamespace(__version__="3.6.0")  # auto takes the kernels on CUDA
     with_triton = describe_backends(device="cuda", dtype=torch.bfloat16)
     assert (
         with_triton["rms_norm"] == "triton" and with_triton["cross_entropy"] == "triton (chunked)"
