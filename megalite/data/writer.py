@@ -56,7 +56,51 @@ def write_shard(
     )
 
 
-class ShardWriter:
+class _ShardFolder:
+    """What both writers share: the shards written so far in `folder`, the samples of the one
+    being filled, and the write of a full one (atomic; then `position` and `on_shard`)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        samples_per_shard: int,
+        resume: WriterPosition | None,
+        on_shard: Callable[[], None] | None,
+    ) -> None:
+        self.folder, self.samples_per_shard, self.on_shard = folder, samples_per_shard, on_shard
+        folder.mkdir(parents=True, exist_ok=True)
+        self.position = resume or WriterPosition([])
+        self._shards: list[ShardInfo] = list(self.position.shards)
+        self._next_key = sum(s.samples for s in self._shards)
+        self._samples: list[np.ndarray] = []  # samples of the shard being filled
+        self._shard_docs = 0  # documents (records) that end in it
+
+    def _append(self, sample: np.ndarray) -> None:
+        self._samples.append(sample)
+        if len(self._samples) == self.samples_per_shard:
+            self._write_shard()
+
+    def _write_shard(self) -> None:
+        shard = write_shard(
+            self.folder,
+            self._samples,
+            index=len(self._shards),
+            first_key=self._next_key,
+            documents=self._shard_docs,
+        )
+        self._shards.append(shard)
+        self._next_key += len(self._samples)
+        self._samples, self._shard_docs = [], 0
+        self.position = self._position()
+        if self.on_shard is not None:
+            self.on_shard()
+
+    def _position(self) -> WriterPosition:
+        """Where a writer resumed after the last shard written goes on."""
+        raise NotImplementedError
+
+
+class ShardWriter(_ShardFolder):
     """One split's documents → one token stream → samples of `sample_tokens` tokens → shards of
     `samples_per_shard` samples in `folder`, each written atomically as soon as it is full.
 
@@ -76,13 +120,8 @@ class ShardWriter:
         resume: WriterPosition | None = None,
         on_shard: Callable[[], None] | None = None,
     ) -> None:
-        self.folder, self.dtype, self.eod_id = folder, dtype, eod_id
-        self.sample_tokens, self.samples_per_shard = sample_tokens, samples_per_shard
-        self.on_shard = on_shard
-        folder.mkdir(parents=True, exist_ok=True)
-        self.position = resume or WriterPosition([])
-        self._shards: list[ShardInfo] = list(self.position.shards)
-        self._next_key = sum(s.samples for s in self._shards)
+        super().__init__(folder, samples_per_shard, resume, on_shard)
+        self.dtype, self.eod_id, self.sample_tokens = dtype, eod_id, sample_tokens
         self._stream_pos = sum(s.tokens for s in self._shards)  # offset of the first pending token
         self._skip = self.position.tokens_into_next  # to drop from the next document added
         self._docs_done = self.position.documents_done
@@ -90,8 +129,6 @@ class ShardWriter:
         self._pending: list[np.ndarray] = []  # token pieces not yet cut into samples
         self._pending_tokens = 0
         self._doc_ends: deque[int] = deque()  # split-stream offsets just past each document
-        self._samples: list[np.ndarray] = []  # samples of the shard being filled
-        self._shard_docs = 0
 
     ADDED_TOKENS = 1  # what `add` puts after a document: the EOD token
 
@@ -135,29 +172,15 @@ class ShardWriter:
             self._done_end = self._doc_ends.popleft()
             self._shard_docs += 1
             self._docs_done += 1
-        self._samples.append(sample)
-        if len(self._samples) == self.samples_per_shard:
-            self._write_shard()
+        self._append(sample)
 
-    def _write_shard(self) -> None:
-        shard = write_shard(
-            self.folder,
-            self._samples,
-            index=len(self._shards),
-            first_key=self._next_key,
-            documents=self._shard_docs,
-        )
-        self._shards.append(shard)
-        self._next_key += len(self._samples)
-        self._samples, self._shard_docs = [], 0
-        self.position = WriterPosition(
+    def _position(self) -> WriterPosition:
+        return WriterPosition(
             list(self._shards), self._docs_done, self._stream_pos - self._done_end
         )
-        if self.on_shard is not None:
-            self.on_shard()
 
 
-class PackedWriter:
+class PackedWriter(_ShardFolder):
     """One split's SFT records (stored tokens, `loss_mask.encode`d, end token included) → windows
     of exactly `window` tokens → shards of `samples_per_shard` windows in `folder`.
 
@@ -185,19 +208,13 @@ class PackedWriter:
         resume: WriterPosition | None = None,
         on_shard: Callable[[], None] | None = None,
     ) -> None:
-        self.folder, self.window, self.samples_per_shard = folder, window, samples_per_shard
-        self.on_shard = on_shard
+        super().__init__(folder, samples_per_shard, resume, on_shard)
+        self.window = window
         self._pad = np.array([-pad_id - 1], dtype=MASKED_DTYPE)  # (1,) the pad, not trained
-        folder.mkdir(parents=True, exist_ok=True)
-        self.position = resume or WriterPosition([])
-        self._shards: list[ShardInfo] = list(self.position.shards)
-        self._next_key = sum(s.samples for s in self._shards)
         self._records_done = self.position.documents_done
         self.counts = dict.fromkeys(PACKING_COUNTS, 0) | self.position.counts
         self._open: list[np.ndarray] = []  # the records of the open window
         self._open_tokens = 0
-        self._samples: list[np.ndarray] = []  # windows of the shard being filled
-        self._shard_records = 0
 
     def add(self, stored: np.ndarray) -> None:
         """Place one record (its stored tokens, (n,) int32)."""
@@ -231,25 +248,11 @@ class PackedWriter:
         self.counts["trained_tokens"] += trained
         self.counts["context_tokens"] += self.window - pad - trained
         self.counts["padding_tokens"] += pad
-        self._shard_records += records
-        self._samples.append(sample)
-        if len(self._samples) == self.samples_per_shard:
-            self._write_shard()
+        self._shard_docs += records
+        self._append(sample)
 
-    def _write_shard(self) -> None:
-        shard = write_shard(
-            self.folder,
-            self._samples,
-            index=len(self._shards),
-            first_key=self._next_key,
-            documents=self._shard_records,
-        )
-        self._shards.append(shard)
-        self._next_key += len(self._samples)
-        self._samples, self._shard_records = [], 0
-        self.position = WriterPosition(list(self._shards), self._records_done, 0, dict(self.counts))
-        if self.on_shard is not None:
-            self.on_shard()
+    def _position(self) -> WriterPosition:
+        return WriterPosition(list(self._shards), self._records_done, 0, dict(self.counts))
 
 
 PACKING_COUNTS = (
