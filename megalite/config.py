@@ -115,6 +115,9 @@ class TrainerConfig:
     eval_steps: int = 10  # micro-batches per rank per evaluation
     save_interval: int = 500
     resume: str | None = None  # None | auto | path to a checkpoint folder
+    # Start a new run (step 0, fresh optimizer, schedule and data position) from the weights
+    # of a checkpoint of any kind or a Hugging Face Llama folder (see checkpoint/init_from.py).
+    init_from: str | None = None
     # Stop (after a checkpoint) once this step is reached, the schedule still following
     # max_steps: to split a run over several jobs (Megatron's --exit-interval).
     stop_at_step: int | None = None
@@ -342,6 +345,11 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> Non
     )
     _require(t.max_rollbacks >= 0, f"trainer.max_rollbacks={t.max_rollbacks} must be >= 0")
     _require(t.max_skips >= 0, f"trainer.max_skips={t.max_skips} must be >= 0")
+    _require(
+        not (t.init_from and t.resume not in (None, "auto")),
+        f"trainer.init_from={t.init_from} starts a new run from weights, "
+        f"trainer.resume={t.resume} continues one: drop one of them",
+    )
     per_step = t.micro_batch_size * p.dp
     _require(
         t.global_batch_size % per_step == 0,

@@ -1,10 +1,11 @@
 """From a composed Hydra config to running workers: everything that can fail before a process starts
 fails here, with one line.
 
-Sequence: typed config → validate → run directory → data (bundled sample prepared on first use) →
-tokenizer vs model vocabulary → resume target checked against model shape and layout → resolved
-`config.yaml` written → workers (spawned here, submitted to SLURM with `+cluster=slurm`, or this
-process is one of torchrun's/srun's).
+Sequence: typed config (with `trainer.init_from`, the model shape of its checkpoint) → validate →
+run directory → data (bundled sample prepared on first use) → tokenizer vs model vocabulary →
+resume target checked against model shape and layout → resolved `config.yaml` written →
+init_from's weights converted for the ranks where needed → workers (spawned here, submitted to
+SLURM with `+cluster=slurm`, or this process is one of torchrun's/srun's).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, TypeGuard
 
 from omegaconf import DictConfig, OmegaConf
 
-from megalite.checkpoint import store
+from megalite.checkpoint import init_from, store
 from megalite.cluster.local import RankExited, spawn
 from megalite.config import (
     Config,
@@ -29,9 +30,14 @@ from megalite.config import (
     register_configs,
     validate,
 )
-from megalite.data.mixture import check_sources, check_tokenizers, configured_sources
+from megalite.data.mixture import (
+    SourceSpec,
+    check_sources,
+    check_tokenizers,
+    configured_sources,
+)
 from megalite.data.sample import prepare_sample
-from megalite.data.shards import Retry, is_pattern, locate
+from megalite.data.shards import Location, Retry, is_pattern, locate
 from megalite.rank.env import from_environ
 from megalite.train.worker import run_worker
 
@@ -45,7 +51,38 @@ def compose_config(overrides: list[str] | None = None) -> Config:
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return to_config(compose("pretrain", overrides=list(overrides or [])))
+        cfg = to_config(compose("pretrain", overrides=list(overrides or [])))
+    adopt_init_model(cfg, model_given=names_model(overrides or []))
+    return cfg
+
+
+def names_model(overrides: list[str]) -> bool:
+    """Whether command-line `overrides` choose the model (`model=...`, `model.<key>=...`)."""
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in overrides)
+    return any(k == "model" or k.startswith("model.") for k in keys)
+
+
+def adopt_init_model(cfg: Config, *, model_given: bool) -> None:
+    """With `trainer.init_from`, the model is the checkpoint's: its shape replaces the composed
+    model group when the command line chose none, and a chosen one of another shape is refused.
+    Idempotent (compose_config and, under Hydra's main, `launch` both call it)."""
+    if not cfg.trainer.init_from:
+        return
+    source = init_from.locate(cfg.trainer.init_from)
+    if model_given:
+        check_init_model(cfg, source)
+    else:
+        cfg.model = source.model
+
+
+def check_init_model(cfg: Config, source: init_from.InitSource) -> None:
+    """Refuse a model of another shape than trainer.init_from's checkpoint, naming the fields."""
+    diffs = init_from.shape_differences(cfg.model, source)
+    if diffs:
+        raise ConfigError(
+            f"model={cfg.model.name} differs from trainer.init_from={cfg.trainer.init_from} in "
+            f"{', '.join(diffs)}: leave model= out (init_from sets it) or choose a matching one"
+        )
 
 
 VALUE_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-c",
@@ -179,9 +216,9 @@ def _absolute(path: str) -> str:
     return path if is_pattern(path) else str(Path(path).expanduser().resolve())
 
 
-def check_data(cfg: Config) -> None:
+def check_data(cfg: Config) -> list[tuple[SourceSpec, Location]]:
     """Every source opens (its manifest is read; a pipe: command runs once), all share one
-    tokenizer, and it fits the model's vocabulary."""
+    tokenizer, and it fits the model's vocabulary; returns each source with its location."""
     retry = Retry(attempts=cfg.data.read_attempts, delay_s=cfg.data.retry_delay_s)
     located = [(s, locate(s.path, retry=retry)) for s in configured_sources(cfg.data)]
     check_tokenizers(located)
@@ -192,6 +229,25 @@ def check_data(cfg: Config) -> None:
                 f"the tokenizer of {spec.path} has {vocab} tokens but "
                 f"model.vocab_size={cfg.model.vocab_size}: use a model with vocab_size >= "
                 f"{vocab} or prepare the data with a smaller vocabulary"
+            )
+    return located
+
+
+def check_init_tokenizer(
+    source: init_from.InitSource, located: list[tuple[SourceSpec, Location]]
+) -> None:
+    """Refuse data prepared with another tokenizer than trainer.init_from's model was trained
+    with (compared by the sha256 of the tokenizer file's bytes; unknown: not compared)."""
+    if source.tokenizer is None:
+        log.warning("trainer.init_from=%s names no tokenizer: not compared", source.path)
+        return
+    sha = init_from.file_sha256(source.tokenizer)
+    for spec, loc in located:
+        if loc.manifest.tokenizer_sha256 != sha:
+            raise ConfigError(
+                f"data {spec.path} was prepared with tokenizer sha "
+                f"{loc.manifest.tokenizer_sha256[:12]}, the model at {source.path} with "
+                f"{sha[:12]}: prepare the data with --tokenizer {source.tokenizer}"
             )
 
 
@@ -245,21 +301,45 @@ def prepare_run(
     """Validate and set up the run; returns the checkpoints to resume from, newest first (empty:
     a fresh start; see `resolve_resume`).
 
-    Completes `cfg.data` (see `resolve_data`) so every worker reads the same data.
+    Completes `cfg.data` (see `resolve_data`) so every worker reads the same data. With
+    `trainer.init_from` (and nothing of this run's own to resume), its weights are made
+    readable by the ranks (see `prepare_init`).
     """
+    source = init_from.locate(cfg.trainer.init_from) if cfg.trainer.init_from else None
+    if source is not None:
+        check_init_model(cfg, source)
+        cfg.trainer.init_from = str(source.path)  # absolute: every rank reads the same
     validate(cfg, world_size=world_size)
     check_sources(cfg.data)
     if writer:
         for warning in doubtful(cfg):
             log.warning("%s", warning)
     resolve_data(cfg)
-    check_data(cfg)
+    located = check_data(cfg)
     cfg.trainer.run_dir = str(run_dir)
     resume = resolve_resume(cfg, run_dir)
+    if source is not None and not resume:
+        check_init_tokenizer(source, located)
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if source is not None and not resume:
+        prepare_init(cfg, source, run_dir=run_dir, writer=writer)
     return resume
+
+
+def prepare_init(cfg: Config, source: init_from.InitSource, *, run_dir: Path, writer: bool) -> None:
+    """trainer.init_from's weights as a layout-free checkpoint the ranks read: the source, or
+    its copy under the run folder, converted here once (by the writer; the other ranks of an
+    outside launcher wait for it)."""
+    p = cfg.parallel
+    init_from.prepare_weights(
+        source,
+        run_dir,
+        layout={"tp": p.tp, "pp": p.pp, "dp": p.dp},
+        convert=writer,
+        timeout_s=cfg.trainer.startup_timeout,
+    )
 
 
 def resolve_run_dir(cfg: Config, *, default_run_dir: Path, outside: bool) -> Path:
@@ -279,10 +359,21 @@ def resolve_run_dir(cfg: Config, *, default_run_dir: Path, outside: bool) -> Pat
     return (Path("outputs") / f"{prefix}-{job}").resolve()
 
 
+def _hydra_names_model() -> bool:
+    """Under Hydra's main (launch/pretrain.py), whether its command line chose the model;
+    otherwise (compose_config already adopted init_from's model) True: only checked."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return True
+    return names_model(list(HydraConfig.get().overrides.task))
+
+
 def launch(cfg: Config, *, default_run_dir: Path) -> dict[str, Any] | None:
     """Run the job: in this process if an outside launcher started it, on SLURM with
     `cluster.launcher=slurm`, else in tp*pp*dp local children."""
     env = from_environ()
+    adopt_init_model(cfg, model_given=_hydra_names_model())
     if cfg.cluster.launcher == "slurm" and env is None:  # submit; the tasks run SlurmTask
         from megalite.cluster import slurm
 

@@ -140,7 +140,8 @@ def _from_hf(args: argparse.Namespace) -> None:
         f"{'written':<10}{summary['dst']}\n{'model':<10}{summary['dst']}/model.yaml "
         f"(copy it to conf/model/{m.name}.yaml)\nresume with: model={m.name} "
         f"trainer.resume={summary['dst']} parallel.tp={args.tp} parallel.pp={args.pp} "
-        f"parallel.dp={args.dp}"
+        f"parallel.dp={args.dp}\nor start a new run (step 0, any layout) from its weights with: "
+        f"trainer.init_from={summary['dst']}"
     )
 
 

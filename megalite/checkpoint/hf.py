@@ -37,12 +37,15 @@ _LAYER = {
     "mlp.w3.weight": "mlp.up_proj.weight",
     "mlp.w2.weight": "mlp.down_proj.weight",
 }
-# A Hugging Face folder's tokenizer files, which import_hf keeps and export_hf hands back.
+# A Hugging Face folder's tokenizer files (and its generation defaults), which import_hf keeps
+# and export_hf hands back; the first two are the tokenizer itself.
 HF_TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
 )
 
 
@@ -216,8 +219,25 @@ def _copy_tokenizer(reader: Checkpoint, folder: Path) -> int | list[int] | None:
     name = info.get("tokenizer", "tokenizer.json")
     shutil.copy(manifest.parent / name, folder / name)
     eos = info.get("eod_token", "<|endoftext|>")
-    _write_tokenizer_config(folder, name, eos)
+    if not _copy_init_extras(reader.meta, manifest.parent / name, folder):
+        _write_tokenizer_config(folder, name, eos)
     return info.get("eod_token_id")
+
+
+def _copy_init_extras(meta: dict, tokenizer: Path, folder: Path) -> bool:
+    """A run started with trainer.init_from from a Hugging Face model (or its from-hf import):
+    that folder's tokenizer files besides the tokenizer (its configuration, special tokens, chat
+    template, generation defaults), when its tokenizer is the data's, byte for byte (the launcher
+    refuses other data). Returns whether a tokenizer_config.json was among them."""
+    source = Path(meta["init_from"]) if meta.get("init_from") else None
+    if source is None or not (source / tokenizer.name).is_file():
+        return False
+    if (source / tokenizer.name).read_bytes() != tokenizer.read_bytes():
+        return False
+    extras = [n for n in HF_TOKENIZER_FILES[2:] if (source / n).is_file()]
+    for name in extras:
+        shutil.copy(source / name, folder / name)
+    return "tokenizer_config.json" in extras
 
 
 def _copy_imported_tokenizer(reader: Checkpoint, folder: Path) -> int | list[int] | None:

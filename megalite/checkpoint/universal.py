@@ -55,10 +55,16 @@ def tensor_file(name: str, kind: str) -> str:
 
 
 def write_universal(
-    src: str | Path, dst: str | Path, *, layout: dict[str, int], progress: bool = True
+    src: str | Path,
+    dst: str | Path,
+    *,
+    layout: dict[str, int],
+    kinds: tuple[str, ...] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Write `dst` (must not exist) from checkpoint `src` (native or layout-free), for a run with
-    `layout`: every kind `src` holds (weights only from a from-hf import), one tensor at a time."""
+    `layout`: every kind `src` holds (weights only from a from-hf import), or only `kinds` of them
+    (`("param",)`: weights for trainer.init_from), one tensor at a time."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -67,21 +73,22 @@ def write_universal(
     reader = open_checkpoint(src)
     dst = Path(dst)
     names = reader.names()
-    bar = tqdm(total=len(names) * len(reader.kinds), desc="reshard", unit="tensor",
+    kinds = tuple(k for k in reader.kinds if kinds is None or k in kinds)
+    bar = tqdm(total=len(names) * len(kinds), desc="reshard", unit="tensor",
                disable=not progress)  # fmt: skip
     total = 0
     with store.staging(dst) as tmp:
         (tmp / "tensors").mkdir()
-        for kind in reader.kinds:
+        for kind in kinds:
             for name, t in reader.tensors(kind):
                 save_file({"t": t.contiguous()}, tmp / tensor_file(name, kind))
                 total += t.numel() * t.element_size()
                 bar.update()
         bar.close()
         _copy_extras(reader, tmp)
-        meta = _universal_meta(reader, layout)
+        meta = _universal_meta(reader, layout, kinds=kinds)
         write_meta(tmp, meta)
-    return {"tensors": len(names), "kinds": reader.kinds, "bytes": total, "dst": str(dst)}
+    return {"tensors": len(names), "kinds": kinds, "bytes": total, "dst": str(dst)}
 
 
 def _copy_extras(reader: Checkpoint, folder: Path) -> None:
@@ -100,10 +107,14 @@ def write_meta(folder: Path, meta: dict[str, Any]) -> None:
     (folder / store.META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
-def _universal_meta(reader: Checkpoint, layout: dict[str, int]) -> dict[str, Any]:
+def _universal_meta(
+    reader: Checkpoint, layout: dict[str, int], *, kinds: tuple[str, ...]
+) -> dict[str, Any]:
     src = reader.meta
-    # The run's (none for imported weights); from-hf's Hugging Face folder and EOS id.
-    keep = ("data_path", "config", "wandb_run_id", "zero_stage", "source", "eos_token_id")
+    # The run's (none for imported weights; init_from: where its weights came from); from-hf's
+    # Hugging Face folder and EOS id.
+    keep = ("data_path", "config", "wandb_run_id", "zero_stage", "source", "eos_token_id",
+            "init_from")  # fmt: skip
     return {
         "format": FORMAT,
         "step": src["step"],
@@ -114,7 +125,7 @@ def _universal_meta(reader: Checkpoint, layout: dict[str, int]) -> dict[str, Any
         "source_layout": src.get("source_layout") if reader.layout_free else src["layout"],
         **{k: src.get(k) for k in keep},
         "precision": src.get("precision", "fp32"),
-        "optimizer_state": reader.kinds == KINDS,
+        "optimizer_state": kinds == KINDS,
         **reader.resume_state(),
         "tp_shards": {},
     }
@@ -176,8 +187,37 @@ def load_universal(
     if verify:
         training.verify_shared(ckpt)
     meta = store.read_meta(ckpt)
-    place = _placer(engine.optimizer, step=float(meta["optimizer_step"]))
-    kinds = saved_kinds(meta)  # from-hf: weights only
+    step = float(meta["optimizer_step"])
+    read = _place_tensors(engine, ckpt, kinds=saved_kinds(meta), step=step, tp=tp, tp_rank=tp_rank)
+    log.info("layout-free resume: read %d bytes of %s (this rank's slices)", read, ckpt)
+    if meta.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        # The schedule writes the lr into the optimizer only when it steps: do it now.
+        for group, lr in zip(
+            engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True
+        ):
+            group["lr"] = lr
+    engine.global_steps = meta["global_steps"]
+    engine.global_samples = meta["global_samples"]
+    return meta["rank_state"]
+
+
+def load_weights(engine: Any, ckpt: Path, *, tp: int, tp_rank: int, verify: bool = True) -> None:
+    """Fill `engine`'s weights (any layout) from universal checkpoint `ckpt` and nothing else:
+    Adam moments zero at step 0, the engine's own fresh LR schedule and counters, whatever else
+    `ckpt` holds (trainer.init_from). Collective."""
+    if verify:
+        training.verify_shared(ckpt)
+    read = _place_tensors(engine, ckpt, kinds=("param",), step=0.0, tp=tp, tp_rank=tp_rank)
+    log.info("init_from: read %d bytes of weights of %s (this rank's slices)", read, ckpt)
+
+
+def _place_tensors(
+    engine: Any, ckpt: Path, *, kinds: tuple[str, ...], step: float, tp: int, tp_rank: int
+) -> int:
+    """Put this rank's slices of the `kinds` of `ckpt` into `engine` (the kinds left out as
+    zeros, Adam's state at `step`); returns the bytes read."""
+    place = _placer(engine.optimizer, step=step)
     read = 0
     for p in engine.module.parameters():
         shard = shard_of(p)
@@ -191,19 +231,9 @@ def load_universal(
             values[kind] = values[kind].reshape(shape)
             read += n
         place(p, values)
-    log.info("layout-free resume: read %d bytes of %s (this rank's slices)", read, ckpt)
     if hasattr(engine.optimizer, "fp32_partitioned_groups_flat"):  # ZeRO 3: module ← fp32
         deepspeed_compat.refresh_zero3_partitions(engine.optimizer)
-    if meta.get("lr_scheduler") is not None:
-        engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
-        # The schedule writes the lr into the optimizer only when it steps: do it now.
-        for group, lr in zip(
-            engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True
-        ):
-            group["lr"] = lr
-    engine.global_steps = meta["global_steps"]
-    engine.global_samples = meta["global_samples"]
-    return meta["rank_state"]
+    return read
 
 
 Placer = Callable[[torch.nn.Parameter, dict[str, torch.Tensor]], None]

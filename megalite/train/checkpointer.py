@@ -1,6 +1,7 @@
 """The run's checkpoints, as the training loop sees them: save one (committed on return, or with
 `trainer.async_save` written in the background), resume from one (this layout's own, or a
-layout-free one by `convert.py reshard`), and name the last good one.
+layout-free one by `convert.py reshard`), take only the weights of one (`trainer.init_from`), and
+name the last good one.
 
 What is saved: the engine's state (DeepSpeed: model, optimizer, scheduler), each rank's
 `rank_state` (the loop's counters, the data stream's position, the anomaly policy's state), and
@@ -77,6 +78,8 @@ class Checkpointer:
             "zero_stage": p.zero_stage,
             "precision": self.cfg.trainer.precision,
             "data_path": self.data_path,
+            # trainer.init_from: where the weights came from (to-hf ships its tokenizer files)
+            "init_from": self.cfg.trainer.init_from,
             "wandb_run_id": self.wandb_run_id,
             "config": asdict(self.cfg),
         }
@@ -162,3 +165,9 @@ class Checkpointer:
         # when it trains no step (`trainer.stop_at_step=<its step>` only rewrites it natively).
         self.saved_step = -1 if layout_free else state["step"]
         return state
+
+    def load_weights(self, ckpt: Path) -> None:
+        """Only the model weights of layout-free checkpoint `ckpt` (trainer.init_from): the run
+        stays at step 0 with a fresh optimizer and schedule, and has no checkpoint of its own yet
+        (`last` stays None)."""
+        universal.load_weights(self.engine, ckpt, tp=self.dims.tp, tp_rank=self.dims.tp_rank)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megalite.checkpoint import store
+from megalite.checkpoint import init_from, store
 from megalite.config import Config
 from megalite.data.mixture import configured_sources
 from megalite.model import ops
@@ -174,7 +174,8 @@ def _train(
         ops.configure(cfg.kernels.backend, attention=cfg.kernels.attention)
         _log_layout(cfg, dims, device)
         seed_everything(cfg.trainer.seed)
-        module, loss_fn = build_model(cfg, dims, device, init=not resume_from)
+        weights = init_weights(cfg, run_dir, resume_from)
+        module, loss_fn = build_model(cfg, dims, device, init=not resume_from and weights is None)
     with startup.phase("engine", waits_for=peers), deepspeed_prints_to_log():
         engine, scheduler = build_engine(module, cfg, dims)
     meta = store.read_meta(resume_from[0]) if resume_from else {}
@@ -213,11 +214,34 @@ def _train(
             reading = f"reading {', '.join(map(str, resume_from))} (or a slower peer)"
             with startup.phase("checkpoint verify and load", waits_for=reading):
                 trainer.resume_newest(resume_from)
+        elif weights is not None:
+            with startup.phase("checkpoint verify and load", waits_for=f"reading {weights}"):
+                trainer.checkpoints.load_weights(weights)
+            log.info(
+                "initialised from %s (weights only: step 0, fresh optimizer and schedule)",
+                cfg.trainer.init_from,
+            )
         startup.close()
         return trainer.fit()
     finally:
         memory.close()
         logbook.close()
+
+
+def init_weights(cfg: Config, run_dir: Path, resume_from: list[Path]) -> Path | None:
+    """The layout-free checkpoint whose weights this new run starts from (trainer.init_from,
+    converted by the launcher: see checkpoint/init_from.py), or None. A run that resumes its own
+    checkpoints (trainer.resume=auto, a SLURM requeue) ignores init_from, saying so."""
+    if not cfg.trainer.init_from:
+        return None
+    if resume_from:
+        log.info(
+            "trainer.init_from=%s ignored: the run resumes from its own checkpoint %s",
+            cfg.trainer.init_from,
+            resume_from[0],
+        )
+        return None
+    return init_from.weights_checkpoint(init_from.locate(cfg.trainer.init_from), run_dir)
 
 
 def make_trainer(
