@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from megalite.config import Config
@@ -19,6 +21,14 @@ __all__ = [
     "short_job_overrides",
     "train_losses",
 ]
+
+
+def run_python(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python ARGS` from the repository's root, as a user types it; its output captured."""
+    cmd = [sys.executable, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -15,7 +15,7 @@ from megalite.checkpoint.store import CheckpointError
 from megalite.config import ConfigError, TrainerConfig, doubtful
 from megalite.data.errors import DataError
 from megalite.launch import check_overrides, prepare_run
-from tests.helpers import CONF, ROOT, compose_config
+from tests.helpers import CONF, ROOT, compose_config, run_python
 
 GROUPS = ["model", "data", "parallel", "optim", "trainer", "logging", "kernels"]
 
@@ -122,18 +122,12 @@ def test_resume_pointing_at_nothing(tmp_path: Path) -> None:
 def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     """Through the real entry point, as a user types it, under a torchrun-like environment."""
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "launch/pretrain.py",
-            "parallel.dp=2",
-            "trainer.global_batch_size=16",
-            f"trainer.run_dir={tmp_path}",
-        ],
-        cwd=ROOT,
+    out = run_python(
+        "launch/pretrain.py",
+        "parallel.dp=2",
+        "trainer.global_batch_size=16",
+        f"trainer.run_dir={tmp_path}",
         env=env,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert out.returncode == 2, out.stderr

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +20,7 @@ from megalite.data.errors import DataError
 from megalite.data.manifest import load_manifest
 from megalite.data.prepare import normalize, prepare
 from tests.data.datagen import SAMPLE_TOKENS, SHARD_TOKENS, make_texts, write_txt
+from tests.helpers import run_python
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -240,13 +239,8 @@ def test_tool_runs_from_the_repo_root(tmp_path: Path, corpus: Path, small_data: 
     out = tmp_path / "out"
     args = ["--input", str(corpus), "--output", str(out), "--vocab-size", "300"]
     env = {**os.environ, "RAYON_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "tools/prepare_data.py", *args, "--sample-tokens", "256"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_python(
+        "tools/prepare_data.py", *args, "--sample-tokens", "256", env=env, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     assert "train:" in proc.stdout and "400 read" in proc.stdout
