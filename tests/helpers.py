@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from megalite.config import Config
 from megalite.launch import CONF_DIR as CONF
 from megalite.launch import compose_config
@@ -29,6 +31,24 @@ def run_python(
     """`python ARGS` from the repository's root, as a user types it; its output captured."""
     cmd = [sys.executable, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def save_hf(folder: Path, *, tokenizer: Path | None, vocab: int = 4096) -> torch.nn.Module:
+    """A random LlamaForCausalLM saved to `folder` (with `tokenizer` copied in, if given)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rope_theta=50000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        (folder / "tokenizer.json").write_bytes(tokenizer.read_bytes())
+        (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"}))
+    return model
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -16,29 +16,11 @@ from megalite.checkpoint.store import CheckpointError
 from megalite.config import ConfigError
 from megalite.data.stream import TokenStream
 from megalite.launch import launch, names_model, prepare_run
-from tests.helpers import compose_config, read_metrics, train_losses
+from tests.helpers import compose_config, read_metrics, save_hf, train_losses
 
 SEQ, MICRO = 32, 2
 TP2_PP2 = ["parallel.tp=2", "parallel.pp=2"]
 INITIALISED = "(weights only: step 0, fresh optimizer and schedule)"
-
-
-def save_hf(folder: Path, *, tokenizer: Path | None, vocab: int = 4096) -> torch.nn.Module:
-    """A random LlamaForCausalLM saved to `folder` (with `tokenizer` copied in, if given)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        rope_theta=50000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        (folder / "tokenizer.json").write_bytes(tokenizer.read_bytes())
-        (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"}))
-    return model
 
 
 def job(data: Path, run_dir: Path, *extra: str) -> list[str]:
