@@ -44,7 +44,22 @@ from megalite.parallel.tp_layers import (
     mark,
 )
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # the mean over trained targets
+
+
+def weighted_loss(
+    loss_fn: LossFn, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """`loss_fn`'s mean over this micro-batch's trained targets × `weight` (a () fp32 tensor on the
+    logits' device), the micro-batch's share of its global batch (`data.loss_mask.loss_weights`):
+    DeepSpeed's mean of these over micro-batches and DP ranks is then the mean over every trained
+    target of the global batch, in the loss and in the gradients.
+
+    Weight 1 (pretraining data) leaves the loss and its gradient as they are, bit for bit. Weight 0
+    (no trained target here, whose mean is nan or 0 by the implementation) gives a zero loss that
+    is still in the graph, with a zero gradient (each implementation's gradient of ignored rows)."""
+    loss = loss_fn(logits, targets)  # ()
+    return torch.where(weight > 0, loss, 0.0) * weight  # ()
 
 
 @dataclass(frozen=True)

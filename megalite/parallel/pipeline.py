@@ -7,6 +7,8 @@ norm, head and loss on the last; a block count that does not divide by pp is bal
 rule (the first stages take one block more).
 With tied embeddings the head is a `TiedLayerSpec` of the embedding: DeepSpeed keeps one copy on
 the first and one on the last stage, and sums their gradients every step.
+The labels a micro-batch carries to the last stage are (targets, weight): the loss is the mean
+over the trained targets times the micro-batch's share of its global batch (`labelled_loss`).
 
 The model reaches here on the meta device: `stage_bounds` finds this stage's layers by
 DeepSpeed's own partition rule, `parallel.build` materialises only those, and the other stages'
@@ -26,6 +28,7 @@ from torch import nn
 
 from megalite.model.llama import Llama
 from megalite.parallel.dims import ParallelDims
+from megalite.parallel.parallelize import LossFn, weighted_loss
 
 if TYPE_CHECKING:
     from megalite.parallel.tp_layers import VocabParallelEmbedding
@@ -96,16 +99,36 @@ def stage_bounds(layers: list, *, pp: int, stage: int, partition: str) -> tuple[
     return parts[stage], parts[stage + 1]
 
 
+Labels = tuple[torch.Tensor, torch.Tensor]  # targets (b, s), weight () fp32
+
+
+def labelled_loss(
+    loss_fn: LossFn,
+) -> Callable[[torch.Tensor, torch.Tensor | Labels], torch.Tensor]:
+    """The last stage's loss of logits and labels (targets, weight): `weighted_loss`. The weight
+    travels with the targets because only the last stage's loss sees the labels, one micro-batch
+    at a time, and each micro-batch has its own (the trainer's `pairs` packs them). Labels that
+    are plain targets (a benchmark's random batches) get their own mean, `loss_fn`."""
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor | Labels) -> torch.Tensor:
+        if isinstance(labels, torch.Tensor):
+            return loss_fn(logits, labels)
+        targets, weight = labels
+        return weighted_loss(loss_fn, logits, targets, weight)
+
+    return loss
+
+
 def build_pipeline(
     layers: list,
     dims: ParallelDims,
     *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: LossFn,
     partition: str,
     bounds: tuple[int, int],
 ) -> nn.Module:
     """A `deepspeed.pipe.PipelineModule` holding this rank's stage: `layers[bounds[0]:bounds[1]]`,
-    already materialised."""
+    already materialised; its loss is `labelled_loss(loss_fn)`."""
     from deepspeed.runtime.pipe.module import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -113,7 +136,7 @@ def build_pipeline(
     pipe = PipelineModule(
         layers=layers,
         topology=topology,
-        loss_fn=loss_fn,
+        loss_fn=labelled_loss(loss_fn),
         partition_method=PARTITION_METHODS[partition],
     )
     chosen = (pipe.parts[dims.pp_rank], pipe.parts[dims.pp_rank + 1])

@@ -6,6 +6,13 @@ and metrics. The step is the optimizer step: each consumes `grad_accum_steps` mi
 data-parallel rank, i.e. `global_batch_size` sequences in all. What the loop leans on is built
 outside and passed in (`worker.make_trainer`): the data (`streams.py`), the checkpoints
 (`checkpointer.py`) and the response to a bad loss (`anomaly.py`).
+
+The loss of a step (and of an evaluation) is the mean over the trained targets of the whole
+global batch (`data/loss_mask.py`: SFT data marks prompt tokens untrained). A step reads its
+micro-batches first and counts their trained targets over DP; each micro-batch's mean loss is
+weighted by its share (`loss_mask.loss_weights`, `parallelize.weighted_loss`), so that
+DeepSpeed's averaging over accumulation steps and DP ranks yields that global mean. With
+pretraining data every weight is 1 and the losses are what a plain mean gives, bit for bit.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +29,14 @@ import torch
 import torch.distributed as dist
 
 from megalite.config import Config
+from megalite.data import loss_mask
 from megalite.data.loader import Loader
 from megalite.model.flops import flops_per_token
 from megalite.model.llama import cross_entropy
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.discard import discarded_update, judge_before_step
 from megalite.parallel.engine import megalite_clips
-from megalite.parallel.parallelize import LossFn
+from megalite.parallel.parallelize import LossFn, weighted_loss
 from megalite.rank.signals import StopRequest, signal_name
 from megalite.train import metrics
 from megalite.train.anomaly import Anomaly, AnomalyPolicy
@@ -39,10 +48,14 @@ from megalite.train.watchdog import HangWatchdog
 log = logging.getLogger("megalite")
 
 
-def pairs(batches: Iterable[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, targets) of each (b, s + 1) window batch, as the pipeline engine loads them."""
-    for batch in batches:
-        yield batch[:, :-1], batch[:, 1:]  # (b, s), (b, s)
+def pairs(
+    batches: list[torch.Tensor], weights: list[float]
+) -> Iterator[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    """(inputs, (targets, weight)) of each (b, s + 1) window batch and its loss weight, as the
+    pipeline engine loads them (see `pipeline.labelled_loss`)."""
+    for batch, weight in zip(batches, weights, strict=True):
+        inputs, targets = loss_mask.split_window(batch)  # (b, s), (b, s)
+        yield inputs, (targets, torch.tensor(weight, dtype=torch.float32))
 
 
 class Trainer:
@@ -79,7 +92,6 @@ class Trainer:
         self.hang_log = hang_log  # where the hang watchdog writes the stacks
         t = cfg.trainer
         self._batches = iter(self.train_data)
-        self._pairs = pairs(self._batches)
         self.step = 0
         self.consumed_tokens = 0
         self.initial_val_loss: float | None = None
@@ -90,6 +102,9 @@ class Trainer:
         )
         self.clip_here = megalite_clips(cfg)
         self.pipeline = cfg.parallel.pp > 1
+        # Only the pipeline's first and last stages read data (inputs, labels); any other stage
+        # moves past a step's windows unread.
+        self.reads_data = not self.pipeline or engine.is_first_stage() or engine.is_last_stage()
         if self.pipeline:
             judge_before_step(self.engine, self.anomalies.judge)
 
@@ -121,7 +136,6 @@ class Trainer:
             self.train_data.load_state_dict(state["data"])
         self.anomalies.load_state_dict(state.get("anomaly") or {})
         self._batches = iter(self.train_data)
-        self._pairs = pairs(self._batches)
         log.info(
             "resumed from %s at step %d (%d tokens seen)",
             self.checkpoints.last,
@@ -144,38 +158,58 @@ class Trainer:
         dist.all_reduce(value, group=self.dims.group("dp"))
         return value.item() / self.dims.dp
 
+    def _weigh(self, batches: list[torch.Tensor], *, shares: int) -> tuple[list[float], int]:
+        """The loss weight of each of this rank's micro-batches (`loss_mask.loss_weights`) and the
+        trained targets of the whole global batch, whose mean over `shares` micro-batches per DP
+        rank the engine takes. Collective over DP (one all-reduce of the count)."""
+        counts = [loss_mask.trained_tokens(batch) for batch in batches]  # on the host: no sync
+        total = torch.tensor(sum(counts), dtype=torch.int64, device=self.device)
+        dist.all_reduce(total, group=self.dims.group("dp"))
+        trained = int(total.item())
+        return loss_mask.loss_weights(counts, total=trained, shares=shares * self.dims.dp), trained
+
+    def _weight(self, weight: float) -> torch.Tensor:
+        return torch.tensor(weight, dtype=torch.float32, device=self.device)  # ()
+
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns loss, lr, grad norm.
-        The loss is judged before the optimizer step (`AnomalyPolicy.judge`): an anomalous
-        step's update is dropped and `Anomaly` raised (see anomaly.py and parallel/discard.py)."""
+        """One optimizer step over `grad_accum_steps` micro-batches; returns loss (the mean over the
+        global batch's trained targets), lr, grad norm and trained_tokens (where this rank read
+        the data). The loss is judged before the optimizer step (`AnomalyPolicy.judge`): an
+        anomalous step's update is dropped and `Anomaly` raised (see anomaly.py and
+        parallel/discard.py)."""
         lr = self.scheduler.get_last_lr()[0]
         first = self.train_data.position
         self.anomalies.begin_step(self.step + 1, first)
+        accum = self.cfg.grad_accum_steps
+        batches = [next(self._batches) for _ in range(accum)] if self.reads_data else []
+        weights, trained = self._weigh(batches, shares=accum) if self.reads_data else ([], 0)
         if self.pipeline:
             # The pipeline engine runs the 1F1B schedule over all micro-batches and judges the
-            # loss before its optimizer step (see __init__); only the first and last stages draw
-            # from the stream, the others move past the step's windows unread.
-            self.engine.train_batch(self._pairs)
-            if self.train_data.position == first:
+            # loss before its optimizer step (see __init__).
+            self.engine.train_batch(pairs(batches, weights))
+            if not self.reads_data:
                 self._move_past(self.cfg.trainer.global_batch_size)
             grad_norm = self.engine.get_global_grad_norm()
         else:
-            grad_norm = self._accumulate(self.cfg.grad_accum_steps)
+            grad_norm = self._accumulate(batches, weights)
         self.step += 1
         self.consumed_tokens += self.tokens_per_step
         loss_value = self.anomalies.verdict()  # raises the step's Anomaly
         norm = float(grad_norm) if grad_norm is not None else float("nan")
-        return {"loss": loss_value, "lr": lr, "grad_norm": norm}
+        record = {"loss": loss_value, "lr": lr, "grad_norm": norm}
+        return record | ({"trained_tokens": float(trained)} if self.reads_data else {})
 
-    def _accumulate(self, accum: int) -> float | None:
-        """Forward/backward over `accum` micro-batches, the loss judged, and the optimizer step
-        (no pipeline); returns the gradient norm."""
+    def _accumulate(self, batches: list[torch.Tensor], weights: list[float]) -> float | None:
+        """Forward/backward over the micro-batches `batches` (b, s + 1) with their loss weights,
+        the loss judged, and the optimizer step (no pipeline); returns the gradient norm."""
+        accum = len(batches)
         loss_sum = torch.zeros((), device=self.device)
         grad_norm = None
-        for micro in range(accum):
-            batch = next(self._batches).to(self.device, non_blocking=True)  # (b, s + 1)
-            inputs, targets = batch[:, :-1], batch[:, 1:]  # (b, s), (b, s)
-            loss = self.loss_fn(self.engine(inputs), targets)
+        for micro, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
+            batch = batch.to(self.device, non_blocking=True)  # (b, s + 1)
+            inputs, targets = loss_mask.split_window(batch)  # (b, s), (b, s)
+            logits = self.engine(inputs)
+            loss = weighted_loss(self.loss_fn, logits, targets, self._weight(weight))
             self.engine.backward(loss)
             loss_sum += loss.detach().float()
             if micro < accum - 1:
@@ -199,17 +233,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the first `eval_steps` micro-batches of each rank's val stream."""
+        """Mean loss over the trained targets of the first `eval_steps` micro-batches of every DP
+        rank's val stream (weighted as a training step's, `eval_steps` micro-batches per rank);
+        0 when they hold no trained target (raise trainer.eval_steps)."""
         t = self.cfg.trainer
-        stream = self.val_data()
+        batches = list(islice(self.val_data(), t.eval_steps)) if self.reads_data else []
+        weights, _ = self._weigh(batches, shares=t.eval_steps) if self.reads_data else ([], 0)
         if self.pipeline:  # averaged over micro-batches and DP, broadcast to every stage
-            loss = self.engine.eval_batch(pairs(stream), num_micro_batches=t.eval_steps)
-            return float(loss)
+            data = pairs(batches, weights)
+            return float(self.engine.eval_batch(data, num_micro_batches=t.eval_steps))
         self.engine.eval()
         total = torch.zeros((), device=self.device)
-        for _, batch in zip(range(t.eval_steps), stream, strict=False):
-            batch = batch.to(self.device)
-            total += self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:]).float()
+        for batch, weight in zip(batches, weights, strict=True):
+            inputs, targets = loss_mask.split_window(batch.to(self.device))  # (b, s), (b, s)
+            logits = self.engine(inputs)
+            total += weighted_loss(self.loss_fn, logits, targets, self._weight(weight)).float()
         self.engine.train()
         return self._dp_mean(total / t.eval_steps)
 
@@ -320,7 +358,6 @@ class Trainer:
         """Move the train stream past `windows` global windows, unread."""
         self.train_data.skip(windows)
         self._batches = iter(self.train_data)
-        self._pairs = pairs(self._batches)
 
     def _stop_on(self, signum: int) -> dict[str, Any]:
         """A stop request (see rank/signals.py): checkpoint this step and stop here."""
@@ -330,7 +367,9 @@ class Trainer:
 
     def _log_train(self, window: list[dict[str, float]], seconds: float) -> None:
         """One line for the steps since the last; skipped steps (trainer.anomaly=skip) count in
-        the throughput, not in the mean loss."""
+        the throughput, not in the mean loss. `trained_tokens`: the targets the applied steps
+        trained on (all their tokens for pretraining data; fewer for SFT data, then named in
+        the line too)."""
         tokens_per_s = len(window) * self.tokens_per_step / max(seconds, 1e-9)
         applied = [w for w in window if "skipped" not in w]
         last = applied[-1] if applied else {}
@@ -353,5 +392,12 @@ class Trainer:
         }
         if len(applied) < len(window):
             record["skipped"] = len(window) - len(applied)
-        log.info(format_line(record))
+        line = format_line(record)
+        counted = [w["trained_tokens"] for w in applied if "trained_tokens" in w]
+        if counted:  # this rank read the data (not a middle pipeline stage)
+            record["trained_tokens"] = trained = int(sum(counted))
+            share = trained / (len(counted) * self.tokens_per_step)
+            if share < 1:
+                line += f" | trained {trained:,} tok ({100 * share:.1f}%)"
+        log.info(line)
         self.logbook.write(record)
