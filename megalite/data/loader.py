@@ -52,6 +52,10 @@ class Loader:
     def position(self) -> int:
         return self.stream.position
 
+    @property
+    def loss_mask(self) -> bool:
+        return self.stream.loss_mask
+
     def skip(self, windows: int) -> None:
         """Move past `windows` global windows (whole rounds) unread; the next `iter()` goes on
         from there."""

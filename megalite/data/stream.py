@@ -108,6 +108,12 @@ class TokenStream:
         return [s.name for s in self.specs]
 
     @property
+    def loss_mask(self) -> bool:
+        """Whether any source marks tokens untrained (fine-tuning data: `loss_mask.py`); if none
+        does, every target of every window is trained."""
+        return any(s.location.manifest.loss_mask for s in self.sources)
+
+    @property
     def epoch(self) -> int:
         """The furthest epoch reached by any source's last window (0 before the first batch);
         the same on every rank: all ranks draw every round."""

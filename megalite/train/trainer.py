@@ -105,6 +105,7 @@ class Trainer:
         # Only the pipeline's first and last stages read data (inputs, labels); any other stage
         # moves past a step's windows unread.
         self.reads_data = not self.pipeline or engine.is_first_stage() or engine.is_last_stage()
+        self.masked = train_data.loss_mask  # else each micro-batch's weight is 1, uncounted
         if self.pipeline:
             judge_before_step(self.engine, self.anomalies.judge)
 
@@ -162,6 +163,9 @@ class Trainer:
         """The loss weight of each of this rank's micro-batches (`loss_mask.loss_weights`) and the
         trained targets of the whole global batch, whose mean over `shares` micro-batches per DP
         rank the engine takes. Collective over DP (one all-reduce of the count)."""
+        if not self.masked:  # every target trained: equal weights, nothing to count or reduce
+            b, s = batches[0].shape if batches else (0, 1)
+            return [1.0] * len(batches), shares * self.dims.dp * b * (s - 1)
         counts = [loss_mask.trained_tokens(batch) for batch in batches]  # on the host: no sync
         total = torch.tensor(sum(counts), dtype=torch.int64, device=self.device)
         dist.all_reduce(total, group=self.dims.group("dp"))

@@ -92,6 +92,7 @@ def write_masked_data(root: Path, tokenizer_from: Path) -> Path:
         val_fraction=0.1,
         splits=splits,
         tokenizer=sample.tokenizer,
+        loss_mask=True,
     )
     write_manifest(manifest)
     return root
