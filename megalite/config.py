@@ -66,6 +66,9 @@ class DataConfig:
     prefetch: int = 2  # micro-batches each worker reads ahead
     read_attempts: int = 4  # a shard read that fails is retried, then reported by name
     retry_delay_s: float = 1.0  # first wait between attempts; doubled after each
+    # Tokens attend only within their own document of a packed window (documents end at the
+    # data's end-of-document token), with positions counted from each document's start.
+    document_mask: bool = False
 
 
 @dataclass
@@ -476,6 +479,11 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
             "or start that many processes",
         )
     validate_data(cfg.data)
+    _require(
+        not (cfg.data.document_mask and cfg.parallel.pp > 1),
+        f"data.document_mask=true with parallel.pp={cfg.parallel.pp}: documents are not passed "
+        "between pipeline stages yet; use parallel.pp=1 (tp and dp work) or drop the mask",
+    )
 
 
 def doubtful(cfg: Config) -> list[str]:

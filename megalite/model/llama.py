@@ -21,6 +21,7 @@ from torch import nn
 from megalite.config import ModelConfig
 from megalite.kernels.reference import apply_rotary as apply_rotary  # re-exported: RoPE reference
 from megalite.model import ops
+from megalite.model.documents import Documents, find_documents
 
 IGNORE_INDEX = -100
 
@@ -76,6 +77,10 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.cos.shape[0]}")
         return self.cos[:seq_len], self.sin[:seq_len]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tables at per-token positions (b, s): two (b, 1, s, head_dim) fp32 tensors."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
 
 class Attention(nn.Module):
     """Causal grouped-query self-attention; n_kv_heads divides n_heads."""
@@ -91,14 +96,17 @@ class Attention(nn.Module):
         # The attention core, a swappable function (selective activation checkpointing wraps it).
         self.core: Callable[..., torch.Tensor] = ops.attention
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
         b, s, _ = x.shape  # (b, s, dim)
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_heads, s, hd)
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_kv_heads, s, hd)
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_kv_heads, s, hd)
-        cos, sin = self.rope(s)  # (s, hd)
+        if documents is None:
+            cos, sin = self.rope(s)  # (s, hd)
+        else:
+            cos, sin = self.rope.at(documents.positions)  # (b, 1, s, hd)
         q, k = ops.rotary_qk(q, k, cos, sin)  # (b, heads, s, hd) each
-        out = self.core(q, k, v)  # (b, n_heads, s, hd)
+        out = self.core(q, k, v, documents)  # (b, n_heads, s, hd)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))  # (b, s, dim)
 
 
@@ -126,8 +134,8 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x))  # (b, s, dim)
+    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), documents)  # (b, s, dim)
         return h + self.mlp(self.mlp_norm(h))  # (b, s, dim)
 
 
@@ -146,6 +154,9 @@ class Llama(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        # data.document_mask: the end-of-document id that ends each document of a window; None
+        # (the default): a window is one sequence.
+        self.document_eod: int | None = None
         with torch.device("meta"):
             self.rope = RotaryEmbedding(
                 cfg.head_dim, max_seq_len=cfg.max_seq_len, theta=cfg.rope_theta
@@ -182,10 +193,12 @@ class Llama(nn.Module):
             draw_into(p, rules[name], 0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (b, s) int64 -> logits (b, s, vocab_size) in the parameters' dtype."""
+        """tokens (b, s) int64 -> logits (b, s, vocab_size) in the parameters' dtype. With
+        `document_eod` set (data.document_mask), each document of a window is on its own."""
+        documents = None if self.document_eod is None else find_documents(tokens, self.document_eod)
         h = self.embed(tokens)  # (b, s, dim)
         for layer in self.layers:
-            h = layer(h)  # (b, s, dim)
+            h = layer(h, documents)  # (b, s, dim)
         return self.head(self.norm(h))  # (b, s, vocab_size)
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megalite.kernels import reference
+from megalite.model.documents import Documents
 
 _HALF = (torch.float16, torch.bfloat16)
 # The oldest Triton whose interpreter passes tests/kernels (what torch 2.11 ships); older ones are
@@ -110,8 +111,11 @@ def _use_apex(device: torch.device) -> bool:
     return device.type == "cuda" and _apex_rms_norm() is not None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal softmax attention with scale 1/sqrt(head_dim), no dropout.
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None = None
+) -> torch.Tensor:
+    """Causal softmax attention with scale 1/sqrt(head_dim), no dropout; with `documents`, a
+    token attends only to its own document's (flash-attn's varlen path, or SDPA with a mask).
 
     q is (b, n_heads, s, head_dim); k and v are (b, n_kv_heads, s, head_dim) with n_kv_heads
     dividing n_heads (grouped-query attention). Query head i reads kv head i // (n_heads //
@@ -121,16 +125,32 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     n_heads, n_kv_heads = q.shape[1], k.shape[1]
     if n_heads % n_kv_heads != 0:
         raise ValueError(f"{n_heads} query heads cannot share {n_kv_heads} kv heads evenly")
-    flash = _flash_attn_func() if _use_flash(q.device, q.dtype) else None
-    if flash is not None:
-        # flash-attn wants (b, s, heads, head_dim)
-        out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return out.transpose(1, 2)  # (b, n_heads, s, head_dim)
+    if _use_flash(q.device, q.dtype):
+        return _flash_attention(q, k, v, documents)
     groups = n_heads // n_kv_heads
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)  # (b, n_heads, s, head_dim)
         v = v.repeat_interleave(groups, dim=1)  # (b, n_heads, s, head_dim)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, n_heads, s, head_dim)
+    if documents is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (b, n_heads, s, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=documents.mask)  # (b, n_heads, s, hd)
+
+
+def _flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None
+) -> torch.Tensor:
+    """flash-attn on (b, heads, s, hd) tensors: its dense kernel, or with documents its varlen
+    one over the flattened (b * s) tokens, each document a sequence."""
+    flash_attn = _optional("flash_attn")
+    assert flash_attn is not None  # _use_flash checked it
+    b, n_heads, s, hd = q.shape
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, s, heads, hd)
+    if documents is None:
+        return flash_attn.flash_attn_func(q, k, v, causal=True).transpose(1, 2)
+    cu, longest = documents.cu_seqlens, documents.max_len
+    flat = [t.reshape(b * s, t.shape[2], hd) for t in (q, k, v)]  # (b * s, heads, hd)
+    out = flash_attn.flash_attn_varlen_func(*flat, cu, cu, longest, longest, causal=True)
+    return out.view(b, s, n_heads, hd).transpose(1, 2)  # (b, n_heads, s, hd)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -149,9 +169,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rotary_qk(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (b, n_heads, s, hd) and k (b, n_kv_heads, s, hd) rotated: one Triton kernel for both,
-    or `reference.apply_rotary_qk`."""
-    if use_triton(q.device):
+    """q (b, n_heads, s, hd) and k (b, n_kv_heads, s, hd) rotated by tables (s, hd): one Triton
+    kernel for both, or `reference.apply_rotary_qk`; per-window tables (b, 1, s, hd), of
+    per-document positions, always take the reference."""
+    if use_triton(q.device) and cos.dim() == 2:
         from megalite.kernels.rotary import apply_rotary_qk
 
         return apply_rotary_qk(q, k, cos, sin)

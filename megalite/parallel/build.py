@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from megalite.config import Config
+from megalite.data.mixture import configured_sources
+from megalite.data.shards import Retry, locate
 from megalite.model.init import Rule, draw_into, init_rules
 from megalite.model.llama import Llama, RotaryEmbedding
 from megalite.parallel.checkpointing import apply_ac
@@ -47,6 +49,10 @@ def build_model(
     p = cfg.parallel
     started = time.perf_counter()
     model = Llama(cfg.model, device="meta")
+    if cfg.data.document_mask:
+        model.document_eod = data_eod_id(cfg)
+        log.info("document mask: each document of a window on its own (ends at id %d)",
+                 model.document_eod)  # fmt: skip
     loss_fn = apply_tp(model, dims, sequence_parallel=p.sequence_parallel)
     tag_plain_names(model)
     apply_ac(model, p.activation_checkpointing)
@@ -70,6 +76,13 @@ def build_model(
         "" if init else " (not drawn: the checkpoint fills them)",
     )
     return module, loss_fn
+
+
+def data_eod_id(cfg: Config) -> int:
+    """The end-of-document id of the run's data (its sources share one tokenizer)."""
+    d = cfg.data
+    retry = Retry(attempts=d.read_attempts, delay_s=d.retry_delay_s)
+    return locate(configured_sources(d)[0].path, retry=retry).manifest.eod_token_id
 
 
 def _pipeline_stage(

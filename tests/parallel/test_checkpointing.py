@@ -45,7 +45,7 @@ def test_checkpointing_recomputes() -> None:
     calls = []
     for block in model.layers:
         core = block.attn.core
-        block.attn.core = lambda q, k, v, core=core: calls.append(1) or core(q, k, v)
+        block.attn.core = lambda q, k, v, docs, core=core: calls.append(1) or core(q, k, v, docs)
     apply_ac(model, "selective")
     batch = torch.randint(0, CFG.vocab_size, (2, 9))
     cross_entropy(model(batch[:, :-1]), batch[:, 1:]).backward()

@@ -28,18 +28,26 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
 
 
-def _tp_matches_reference(rank: int, tp: int, cfg: ModelConfig, sp: bool) -> None:
+EOD = 7  # with documents: the end-of-document id
+
+
+def _tp_matches_reference(
+    rank: int, tp: int, cfg: ModelConfig, sp: bool, documents: bool = False
+) -> None:
     dims = ParallelDims(tp=tp, pp=1, dp=1, global_rank=rank)
     dims.build_groups()
     group = dims.group("tp")
     torch.manual_seed(0)
     ref = Llama(cfg)
+    ref.document_eod = EOD if documents else None
     model = copy.deepcopy(ref)
     loss_fn = apply_tp(model, dims, sequence_parallel=sp)
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, cfg.vocab_size, (3, 17), generator=g)  # (b, s + 1)
     batch[0, 5] = -100  # an ignored target
     inputs, targets = batch[:, :-1].clamp(min=0), batch[:, 1:]
+    if documents:  # three documents in the first window, two in the second
+        inputs[0, [3, 9]] = inputs[1, 6] = EOD
 
     ref_logits = ref(inputs)
     ref_loss = cross_entropy(ref_logits, targets)
@@ -74,6 +82,11 @@ CASES = [
 @pytest.mark.parametrize("tp,cfg,sp", CASES)
 def test_tp_matches_unsharded(tp: int, cfg: ModelConfig, sp: bool) -> None:
     run_world(_tp_matches_reference, tp, cfg, sp)
+
+
+def test_tp_matches_unsharded_with_documents() -> None:
+    """data.document_mask under TP and sequence parallelism."""
+    run_world(_tp_matches_reference, 2, CFG, True, True)
 
 
 def _vocab_ce(rank: int, tp: int) -> None:

@@ -76,7 +76,9 @@ def test_gpt3_training_compute() -> None:
     assert flops_per_token(cfg, 2048) / flops_per_token_6n(cfg) == pytest.approx(1.0278, abs=1e-3)
 
 
-def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _matmul_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: None = None
+) -> torch.Tensor:
     """Causal attention as two plain matmuls (no fused kernel): every FLOP is a counted matmul."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
