@@ -179,6 +179,7 @@ class KernelsConfig:
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     level: str = "INFO"
+    tensorboard: bool = False  # rank 0 also writes event files to <run_dir>/tensorboard/
 
 
 @dataclass
@@ -409,9 +410,16 @@ def validate_kernels(k: KernelsConfig) -> None:
 
 
 def validate_logging(lg: LoggingConfig) -> None:
+    from importlib.util import find_spec
+
     _require(
         lg.wandb.mode in ("offline", "online", "disabled"),
         f"logging.wandb.mode={lg.wandb.mode!r}: use offline, online or disabled",
+    )
+    _require(
+        not lg.tensorboard or find_spec("tensorboard") is not None,
+        "logging.tensorboard=true needs the tensorboard package: pip install tensorboard "
+        "(tools/dev.py setup pins it)",
     )
 
 

@@ -37,6 +37,7 @@ PINNED = [
     "mypy==2.4.1",  # types of megalite/ and kernels/ ([tool.mypy] in pyproject.toml)
     "safetensors==0.8.0",
     "matplotlib==3.11.2",
+    "tensorboard==2.21.0",  # logging.tensorboard=true
     "submitit==1.5.4",
     "pyarrow==26.0.1",  # prepare_data: parquet input
     "zstandard==0.25.0",  # prepare_data: .jsonl.zst input
@@ -105,7 +106,7 @@ def setup() -> None:
 def demo(extra: list[str]) -> None:
     """Each demo starts afresh: a previous demo's run folder is removed first (a run refuses to
     start over in a folder that holds another run), unless the overrides name a run folder or a
-    resume."""
+    resume. It ends with the run's curves, `curves.png` in its folder (tools/plot.py)."""
     previous = ROOT / DEMO_RUN
     if previous.exists() and not any(
         a.startswith(("trainer.run_dir=", "trainer.resume=")) for a in extra
@@ -113,6 +114,9 @@ def demo(extra: list[str]) -> None:
         print(f"removing the previous demo run {DEMO_RUN}/ (each demo starts afresh)", flush=True)
         shutil.rmtree(previous)
     run(python(), *DEMO, *extra)
+    named = [a.split("=", 1)[1] for a in extra if a.startswith("trainer.run_dir=")]
+    run_dir = named[-1] if named else DEMO_RUN  # the last override wins, as in Hydra
+    run(python(), "tools/plot.py", run_dir, "--out", f"{run_dir}/curves.png")
 
 
 def test(extra: list[str]) -> None:

@@ -1,8 +1,10 @@
-"""Where metrics go: one readable console line per interval, `metrics.jsonl`, and wandb.
+"""Where metrics go: one readable console line per interval, `metrics.jsonl`, wandb and, when
+asked for (`logging.tensorboard=true`), TensorBoard.
 
 Only the rank that owns the logbook (global rank 0) writes; the others get `Logbook(enabled=False)`
 so call sites need no rank checks. wandb is imported lazily and runs offline by default, into
-`<run_dir>/wandb/`.
+`<run_dir>/wandb/`; TensorBoard's event files go to `<run_dir>/tensorboard/`, and it is imported
+only when enabled. Both get the same scalars: every number of a record but its step.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ def format_line(record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a record but its step, for wandb and TensorBoard: a dict value
+    (tokens_per_source) becomes `key/name` series."""
+    flat = {
+        f"{k}/{name}" if isinstance(v, dict) else k: x
+        for k, v in record.items()
+        for name, x in (v.items() if isinstance(v, dict) else [(None, v)])
+    }
+    return {k: v for k, v in flat.items() if isinstance(v, int | float) and k != "step"}
+
+
 class Logbook:
     def __init__(
         self,
@@ -48,14 +61,20 @@ class Logbook:
         wandb_name: str | None = None,
         config: dict[str, Any] | None = None,
         resume_id: str | None = None,
+        tensorboard: bool = False,
     ) -> None:
         self.enabled = enabled
         self.run_dir = run_dir
         self._metrics = None
         self._wandb = None
+        self._tensorboard = None
         if not enabled:
             return
         self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:  # the package's presence is checked by validate_logging, before any rank
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=10)
         if wandb_mode != "disabled":
             import wandb
 
@@ -81,14 +100,12 @@ class Logbook:
         if self._metrics is None:  # not rank 0, or closed
             return
         self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
+        numbers = scalars(record)
         if self._wandb is not None:
-            flat = {  # a dict value (tokens_per_source) becomes key/name series
-                f"{k}/{name}" if isinstance(v, dict) else k: x
-                for k, v in record.items()
-                for name, x in (v.items() if isinstance(v, dict) else [(None, v)])
-            }
-            numbers = {k: v for k, v in flat.items() if isinstance(v, int | float) and k != "step"}
             self._wandb.log(numbers, step=record["step"])
+        if self._tensorboard is not None:
+            for key, value in numbers.items():
+                self._tensorboard.add_scalar(key, value, global_step=record["step"])
 
     def close(self) -> None:
         if self._metrics is not None:
@@ -97,3 +114,6 @@ class Logbook:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None

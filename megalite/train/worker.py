@@ -188,6 +188,7 @@ def _train(
         wandb_name=cfg.logging.wandb.name,
         config=asdict(cfg),
         resume_id=meta.get("wandb_run_id"),
+        tensorboard=cfg.logging.tensorboard,
     )
     # Checkpoint-and-stop signals: SIGUSR1/2 anywhere (SLURM's --signal, a user's kill); SIGTERM
     # too when an outside launcher (srun, torchrun) started the rank: it announces a preemption,
