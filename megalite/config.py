@@ -487,11 +487,6 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
             "or start that many processes",
         )
     validate_data(cfg.data)
-    _require(
-        not (cfg.data.document_mask and cfg.parallel.pp > 1),
-        f"data.document_mask=true with parallel.pp={cfg.parallel.pp}: documents are not passed "
-        "between pipeline stages yet; use parallel.pp=1 (tp and dp work) or drop the mask",
-    )
 
 
 def doubtful(cfg: Config) -> list[str]:

@@ -9,6 +9,8 @@ With tied embeddings the head is a `TiedLayerSpec` of the embedding: DeepSpeed k
 the first and one on the last stage, and sums their gradients every step.
 The labels a micro-batch carries to the last stage are (targets, weight): the loss is the mean
 over the trained targets times the micro-batch's share of its global batch (`labelled_loss`).
+With `data.document_mask` the documents travel with the hidden states, `(h, segments,
+positions)` (`pass_documents`): the same layer list, so the same partition and parameter names.
 
 The model reaches here on the meta device: `stage_bounds` finds this stage's layers by
 DeepSpeed's own partition rule, `parallel.build` materialises only those, and the other stages'
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megalite.model.documents import Documents, find_documents
 from megalite.model.llama import Llama
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.parallelize import LossFn, weighted_loss
@@ -54,9 +57,12 @@ def bubble_fraction(*, pp: int, micro_batches: int) -> float:
 
 
 def stage_layers(model: Llama, *, head_entry: Callable[[torch.Tensor], torch.Tensor]) -> list:
-    """The model as a flat list of pipeline layers (modules or DeepSpeed layer specs)."""
+    """The model as a flat list of pipeline layers (modules or DeepSpeed layer specs). With
+    `model.document_eod` set (data.document_mask) its layers pass the documents on too."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
+    if model.document_eod is not None:
+        pass_documents(model, model.document_eod)
     if model.cfg.tie_embeddings:
 
         def tied_head(
@@ -69,6 +75,58 @@ def stage_layers(model: Llama, *, head_entry: Callable[[torch.Tensor], torch.Ten
     else:
         first, last = LayerSpec(Prebuilt, model.embed), model.head
     return [first, *model.layers, model.norm, last]
+
+
+# What a block layer takes and gives under data.document_mask: h (b, s, dim) (b, s / tp, dim
+# under sequence parallelism), the documents' segments and positions (b, s) int64.
+Carried = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def pass_documents(model: Llama, eod_id: int) -> None:
+    """data.document_mask under a pipeline: the embedding's forward also returns the documents of
+    its tokens (`find_documents`; only the first stage sees the tokens), each block's takes
+    `(h, segments, positions)` and returns them with its new h, the final norm's drops them.
+
+    DeepSpeed sends a stage's tuple of tensors to the next one and sends gradients back for its
+    floating-point tensors only, so the int64 documents need none (with TP, its pipe partitioning
+    splits the first tensor, h, and sends the others whole). Forwards are wrapped, not modules
+    (as activation checkpointing does), so the layer list, its partition and the parameter names
+    in checkpoints are those of a run without the mask. In place; once per model."""
+    last: list[Documents] = []  # a stage's Documents of its current micro-batch
+
+    def documents(segments: torch.Tensor, positions: torch.Tensor) -> Documents:
+        # One Documents per micro-batch on a stage, not per block: its mask (or flash-attn's
+        # offsets and their host sync) is made once. A stage's blocks hand on the same tensors.
+        if not last or last[0].segments is not segments or last[0].positions is not positions:
+            last[:] = [Documents(segments=segments, positions=positions)]
+        return last[0]
+
+    embed = model.embed.forward
+
+    def embed_forward(tokens: torch.Tensor) -> Carried:
+        found = find_documents(tokens, eod_id)
+        return embed(tokens), found.segments, found.positions
+
+    _set_forward(model.embed, embed_forward)
+    for block in model.layers:
+        _set_forward(block, _block_forward(block.forward, documents))
+    norm = model.norm.forward
+    _set_forward(model.norm, lambda x: norm(x[0]))
+
+
+def _block_forward(
+    forward: Callable[[torch.Tensor, Documents], torch.Tensor],
+    documents: Callable[[torch.Tensor, torch.Tensor], Documents],
+) -> Callable[[Carried], Carried]:
+    def carried(x: Carried) -> Carried:
+        h, segments, positions = x
+        return forward(h, documents(segments, positions)), segments, positions  # h (b, s, dim)
+
+    return carried
+
+
+def _set_forward(module: nn.Module, forward: Callable) -> None:
+    module.forward = forward
 
 
 def layer_module(entry: object) -> nn.Module | None:
