@@ -324,6 +324,24 @@ def _hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
+def hf_plain_tensors(folder: Path, model: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(plain name, tensor as stored) of HF Llama folder `folder`, whose shape is `model`, one
+    tensor at a time; a tied model's lm_head.weight is skipped. A tensor `model` lacks is refused,
+    and so, once all are read, is a missing one."""
+    plain_of = {hf_name(n): n for n, _ in _plain_names(model)}
+    seen = set()
+    for key, t in _hf_tensors(folder):
+        if key not in plain_of:
+            if key == "lm_head.weight" and model.tie_embeddings:
+                continue
+            raise CheckpointError(f"{folder}: unexpected tensor {key} for a {SUPPORTED[0]}")
+        seen.add(plain_of[key])
+        yield plain_of[key], t
+    missing = sorted(set(plain_of.values()) - seen)
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensors {', '.join(missing[:5])}")
+
+
 class ImportSummary(TypedDict):
     tensors: int
     bytes: int
@@ -346,21 +364,14 @@ def import_hf(
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} has no config.json: not a Hugging Face model folder")
     model = model_config_from_hf(json.loads((src / "config.json").read_text()), name=src.name)
-    plain_of = {hf_name(n): n for n, _ in _plain_names(model)}
     seen, total = set(), 0
     with store.staging(dst) as tmp:
         (tmp / "tensors").mkdir()
-        for key, t in tqdm(_hf_tensors(src), desc="from-hf", unit="tensor", disable=not progress):
-            if key not in plain_of:
-                if key == "lm_head.weight" and model.tie_embeddings:
-                    continue
-                raise CheckpointError(f"{src}: unexpected tensor {key} for a {SUPPORTED[0]}")
-            save_file({"t": t.float().contiguous()}, tmp / tensor_file(plain_of[key], "param"))
-            seen.add(plain_of[key])
+        tensors = hf_plain_tensors(src, model)
+        for plain, t in tqdm(tensors, desc="from-hf", unit="tensor", disable=not progress):
+            save_file({"t": t.float().contiguous()}, tmp / tensor_file(plain, "param"))
+            seen.add(plain)
             total += t.numel() * 4
-        missing = sorted(set(plain_of.values()) - seen)
-        if missing:
-            raise CheckpointError(f"{src}: missing tensors {', '.join(missing[:5])}")
         for name in HF_TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy(src / name, tmp / name)

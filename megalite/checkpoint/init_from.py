@@ -53,23 +53,23 @@ def locate(init_from: str) -> InitSource:
     path = Path(init_from).expanduser().resolve()
     if not path.is_dir():
         raise CheckpointError(f"trainer.init_from={init_from}: no such folder")
-    ckpt = _checkpoint_in(path)
+    ckpt = checkpoint_in(path)
     if ckpt is not None:
         meta = store.read_meta(ckpt)
         describe(ckpt, meta)  # refuses a format this megalite does not read
-        tokenizer = _tokenizer_in(ckpt) or _data_tokenizer(meta)
+        tokenizer = tokenizer_in(ckpt) or data_tokenizer(meta)
         return InitSource(path, ckpt, is_universal(meta), _model_of(meta), tokenizer)
     if (path / "config.json").is_file():
         config = json.loads((path / "config.json").read_text())
         model = model_config_from_hf(config, name=path.name)
-        return InitSource(path, None, False, model, _tokenizer_in(path))
+        return InitSource(path, None, False, model, tokenizer_in(path))
     raise CheckpointError(
         f"trainer.init_from={init_from} is neither a megalite checkpoint (no {store.META}, no "
         "checkpoints/latest) nor a Hugging Face model folder (no config.json)"
     )
 
 
-def _checkpoint_in(path: Path) -> Path | None:
+def checkpoint_in(path: Path) -> Path | None:
     """A checkpoint folder itself, else the latest of a `checkpoints/` or run folder."""
     for candidate in (path, path / "checkpoints"):
         if (candidate / store.META).is_file():
@@ -86,12 +86,12 @@ def _model_of(meta: dict[str, Any]) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
 
 
-def _tokenizer_in(folder: Path) -> Path | None:
+def tokenizer_in(folder: Path) -> Path | None:
     """The tokenizer file of a Hugging Face folder, or the one from-hf kept in a checkpoint."""
     return next((folder / n for n in TOKENIZERS if (folder / n).is_file()), None)
 
 
-def _data_tokenizer(meta: dict[str, Any]) -> Path | None:
+def data_tokenizer(meta: dict[str, Any]) -> Path | None:
     """The tokenizer of the data a megalite run trained on, while that folder is still there."""
     data = meta.get("data_path")
     manifest = Path(data) / "manifest.json" if data else None

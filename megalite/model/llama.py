@@ -9,6 +9,10 @@ rotate-half layout, so a conversion to `LlamaForCausalLM` is a renaming of tenso
 
 Every rotary table is one `RotaryEmbedding` shared by all attention layers: a pipeline stage cut
 from `layers` is self-contained, yet the tables exist once.
+
+For generation, `Llama.forward(tokens, cache=KVCache(...))` runs the new tokens only, attending
+to the keys and values of the earlier ones kept in the cache; without a cache (training) the ops
+are exactly those of the plain forward.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megalite.config import ModelConfig
@@ -82,10 +87,79 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
+class KVCache:
+    """The keys and values of the tokens seen so far, per layer, for incremental decoding.
+
+    `Llama.forward(tokens, cache=c)` takes tokens (b, s) as the next s positions of each of the b
+    sequences: it appends their keys and values to every layer (buffers (b, n_kv_heads, max_len,
+    head_dim), allocated on first use in the activations' dtype) and advances `length` by s.
+    `pad` (b,) counts each sequence's left padding: those key slots are never attended to (a pad
+    query sees only itself, so no row is empty), and rotary positions are shifted so that each
+    sequence's first real token is at position 0 — Hugging Face's `generate` with an attention
+    mask does the same. pad None: no padding.
+    """
+
+    def __init__(self, *, max_len: int, pad: torch.Tensor | None = None) -> None:
+        self.max_len = max_len
+        self.pad = pad  # (b,) int64, or None
+        self.length = 0
+        self.k: dict[int, torch.Tensor] = {}  # layer -> (b, n_kv_heads, max_len, hd)
+        self.v: dict[int, torch.Tensor] = {}
+        self.positions: torch.Tensor | None = None  # (b, s) of the chunk being run
+        self.mask: torch.Tensor | None = None  # (b, 1, s, length + s) bool: True = attend
+
+    def begin(self, b: int, s: int, device: torch.device) -> None:
+        """Prepare the rotary positions and attention mask of a chunk of s new tokens."""
+        start, end = self.length, self.length + s
+        if end > self.max_len:
+            raise ValueError(f"cache of {self.max_len} positions cannot take {end}")
+        q_pos = torch.arange(start, end, device=device)  # (s,)
+        k_pos = torch.arange(end, device=device)  # (end,)
+        pad = torch.zeros(b, dtype=torch.long, device=device) if self.pad is None else self.pad
+        self.positions = (q_pos[None, :] - pad[:, None]).clamp(min=0)  # (b, s)
+        if self.pad is None and s == 1:
+            self.mask = None  # one new token attends to all before it
+            return
+        causal = k_pos[None, :] <= q_pos[:, None]  # (s, end)
+        real = k_pos[None, :] >= pad[:, None]  # (b, end)
+        itself = k_pos[None, :] == q_pos[:, None]  # (s, end)
+        mask = causal[None] & (real[:, None, :] | itself[None])  # (b, s, end)
+        self.mask = mask.unsqueeze(1)  # (b, 1, s, end)
+
+    def append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer's new k, v (b, n_kv_heads, s, hd); returns all of its k, v so far."""
+        if layer not in self.k:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k[layer] = k.new_zeros(shape)
+            self.v[layer] = v.new_zeros(shape)
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (b, n_kv_heads, end, hd)
+
+    def end(self, s: int) -> None:
+        self.length += s
+        self.positions = self.mask = None
+
+
+def _cached_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Softmax attention of q (b, n_heads, s, hd) over k, v (b, n_kv_heads, t, hd) under `mask`
+    (b, 1, s, t) bool, or none: every query sees every key. Returns (b, n_heads, s, hd)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)  # (b, n_heads, t, hd)
+        v = v.repeat_interleave(groups, dim=1)  # (b, n_heads, t, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, n_heads, s, hd)
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention; n_kv_heads divides n_heads."""
 
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, *, layer_index: int = 0) -> None:
         super().__init__()
         self.head_dim = cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
@@ -93,20 +167,40 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.rope = rope
+        self.layer_index = layer_index  # its place in Llama.layers: its KVCache buffers
         # The attention core, a swappable function (selective activation checkpointing wraps it).
         self.core: Callable[..., torch.Tensor] = ops.attention
 
-    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        documents: Documents | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         b, s, _ = x.shape  # (b, s, dim)
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_heads, s, hd)
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_kv_heads, s, hd)
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_kv_heads, s, hd)
+        if cache is not None:
+            return self._cached(q, k, v, cache)
         if documents is None:
             cos, sin = self.rope(s)  # (s, hd)
         else:
             cos, sin = self.rope.at(documents.positions)  # (b, 1, s, hd)
         q, k = ops.rotary_qk(q, k, cos, sin)  # (b, heads, s, hd) each
         out = self.core(q, k, v, documents)  # (b, n_heads, s, hd)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))  # (b, s, dim)
+
+    def _cached(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        """The attention of new tokens over the cache and themselves (see `KVCache`)."""
+        b, _, s, _ = q.shape  # (b, n_heads, s, hd)
+        assert cache.positions is not None  # KVCache.begin ran
+        cos, sin = self.rope.at(cache.positions)  # (b, 1, s, hd)
+        q, k = ops.rotary_qk(q, k, cos, sin)  # (b, heads, s, hd) each
+        k, v = cache.append(self.layer_index, k, v)  # (b, n_kv_heads, length + s, hd)
+        out = _cached_attention(q, k, v, cache.mask)  # (b, n_heads, s, hd)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))  # (b, s, dim)
 
 
@@ -127,15 +221,20 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). Maps (b, s, dim) to (b, s, dim)."""
 
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, *, layer_index: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg, rope)
+        self.attn = Attention(cfg, rope, layer_index=layer_index)
         self.mlp_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), documents)  # (b, s, dim)
+    def forward(
+        self,
+        x: torch.Tensor,
+        documents: Documents | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), documents, cache)  # (b, s, dim)
         return h + self.mlp(self.mlp_norm(h))  # (b, s, dim)
 
 
@@ -166,7 +265,7 @@ class Llama(nn.Module):
             weight = torch.empty(cfg.vocab_size, cfg.dim)
             self.embed = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=weight)
             self.layers = nn.ModuleList(
-                TransformerBlock(cfg, self.rope) for _ in range(cfg.n_layers)
+                TransformerBlock(cfg, self.rope, layer_index=i) for i in range(cfg.n_layers)
             )
             self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
             self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -192,13 +291,28 @@ class Llama(nn.Module):
         for name, p in self.named_parameters():
             draw_into(p, rules[name], 0)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor:
         """tokens (b, s) int64 -> logits (b, s, vocab_size) in the parameters' dtype. With
-        `document_eod` set (data.document_mask), each document of a window is on its own."""
+        `document_eod` set (data.document_mask), each document of a window is on its own. With
+        a `cache`, tokens continue the sequences it holds (see `KVCache`), which it then holds
+        too."""
+        if cache is not None:
+            return self._forward_cached(tokens, cache)
         documents = None if self.document_eod is None else find_documents(tokens, self.document_eod)
         h = self.embed(tokens)  # (b, s, dim)
         for layer in self.layers:
             h = layer(h, documents)  # (b, s, dim)
+        return self.head(self.norm(h))  # (b, s, vocab_size)
+
+    def _forward_cached(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self.document_eod is not None:
+            raise ValueError("a KV cache cannot be used with document_eod (data.document_mask)")
+        b, s = tokens.shape
+        cache.begin(b, s, tokens.device)
+        h = self.embed(tokens)  # (b, s, dim)
+        for layer in self.layers:
+            h = layer(h, None, cache)  # (b, s, dim)
+        cache.end(s)
         return self.head(self.norm(h))  # (b, s, vocab_size)
 
 
