@@ -45,6 +45,9 @@ PINNED = [
     "triton==3.9.0",  # kernels/: tested on CPU through its interpreter (TRITON_INTERPRET=1)
     "jinja2==3.1.6",  # prepare_data --format chat (torch brings it too)
     "transformers==5.23.0",  # tests only: Hugging Face conversion parity
+    "lm-eval==0.4.13",  # megalite-evaluate (the `eval` extra in pyproject.toml)
+    "python-dateutil==2.9.0.post0",  # what lm-eval's table writer (typepy) accepts: < 3
+    "accelerate==1.16.0",  # tests only: lm-eval's `hf` model, the reference of its parity test
 ]
 # The oldest Triton the kernels support (megalite.model.ops.TRITON_OLDEST, what torch 2.11 ships):
 # tests/kernels run under it too, from an overlay of .venv. Its interpreter needs NumPy < 2.4
