@@ -116,7 +116,10 @@ class TrainerConfig:
     log_interval: int = 10
     eval_interval: int = 100
     eval_steps: int = 10  # micro-batches per rank per evaluation
-    save_interval: int = 500
+    save_interval: int = 500  # a checkpoint every N steps; 0: none along the way
+    # The checkpoint at the end (max_steps, or stop_at_step). A run with save_interval=0 and
+    # save_final=false writes no checkpoint at all, a stop request's (SIGUSR1/2, SIGTERM) too.
+    save_final: bool = True
     resume: str | None = None  # None | auto | path to a checkpoint folder
     # Start a new run (step 0, fresh optimizer, schedule and data position) from the weights
     # of a checkpoint of any kind or a Hugging Face Llama folder (see checkpoint/init_from.py).
@@ -342,6 +345,16 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> Non
     _require(
         t.anomaly in ("halt", "skip", "rollback"),
         f"trainer.anomaly={t.anomaly!r}: use halt, skip or rollback",
+    )
+    _require(
+        not (t.anomaly == "rollback" and t.save_interval == 0),
+        "trainer.anomaly=rollback reloads the last checkpoint, and trainer.save_interval=0 saves "
+        "none along the way: set trainer.save_interval > 0 or another trainer.anomaly",
+    )
+    _require(
+        t.save_final or t.stop_at_step is None,
+        f"trainer.stop_at_step={t.stop_at_step} stops with a checkpoint to resume from, and "
+        "trainer.save_final=false writes none: drop one of them",
     )
     _require(
         t.spike_factor == 0 or t.spike_factor > 1,

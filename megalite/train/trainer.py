@@ -7,6 +7,10 @@ data-parallel rank, i.e. `global_batch_size` sequences in all. What the loop lea
 outside and passed in (`worker.make_trainer`): the data (`streams.py`), the checkpoints
 (`checkpointer.py`) and the response to a bad loss (`anomaly.py`).
 
+Saves: every `trainer.save_interval` steps (0: none along the way), at the end (max_steps or
+stop_at_step) when `trainer.save_final`, and at a stop request (SIGUSR1/2, SIGTERM) unless the
+run saves none at all (save_interval=0 and save_final=false: benchmarks).
+
 The loss of a step (and of an evaluation) is the mean over the trained targets of the whole
 global batch (`data/loss_mask.py`: SFT data marks prompt tokens untrained). A step reads its
 micro-batches first and counts their trained targets over DP; each micro-batch's mean loss is
@@ -327,7 +331,8 @@ class Trainer:
                 return self._stop_on(signum)
         val_loss = self.evaluate()
         self._log_eval(val_loss)
-        self._save_unless_saved()
+        if t.save_final:
+            self._save_unless_saved()
         result = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
         if self.step < t.max_steps:
             log.info(
@@ -364,9 +369,19 @@ class Trainer:
         self._batches = iter(self.train_data)
 
     def _stop_on(self, signum: int) -> dict[str, Any]:
-        """A stop request (see rank/signals.py): checkpoint this step and stop here."""
-        log.info("%s at step %d: checkpointing, then stopping", signal_name(signum), self.step)
-        self._save_unless_saved()
+        """A stop request (see rank/signals.py): checkpoint this step and stop here; a run that
+        saves no checkpoint at all (save_interval=0, save_final=false) stops without one."""
+        t = self.cfg.trainer
+        if t.save_interval == 0 and not t.save_final:
+            log.info(
+                "%s at step %d: stopping without a checkpoint "
+                "(trainer.save_interval=0 trainer.save_final=false)",
+                signal_name(signum),
+                self.step,
+            )
+        else:
+            log.info("%s at step %d: checkpointing, then stopping", signal_name(signum), self.step)
+            self._save_unless_saved()
         return {"stopped_by": signal_name(signum), "step": self.step}
 
     def _log_train(self, window: list[dict[str, float]], seconds: float) -> None:

@@ -91,6 +91,8 @@ DEFAULTS = [
     "trainer.seq_len=128",
     "trainer.micro_batch_size=4",
     "parallel.zero_stage=1",
+    "trainer.save_interval=0",  # it times steps, never a checkpoint
+    "trainer.save_final=false",
     "logging.wandb.mode=disabled",
 ]
 # DeepSpeed's schedule instructions (by class name) → the column they are timed under.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -41,6 +42,8 @@ DEFAULTS = [
     "trainer.micro_batch_size=8",
     "trainer.global_batch_size=8",
     "parallel.zero_stage=1",
+    "trainer.save_interval=0",  # it times steps, never a checkpoint
+    "trainer.save_final=false",
     "logging.wandb.mode=disabled",
 ]
 
@@ -100,6 +103,13 @@ def main() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port()))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     run_dir = Path(tempfile.mkdtemp(prefix="megalite-bench-"))
+    try:
+        measure(args, run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, run_dir: Path) -> None:
     cfg = compose_config([*DEFAULTS, *args.overrides, f"trainer.run_dir={run_dir}"])
     prepare_run(cfg, run_dir=run_dir, world_size=1)
     init_distributed(from_environ(), device=torch.device("cpu"))
