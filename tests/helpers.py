@@ -51,6 +51,19 @@ def save_hf(folder: Path, *, tokenizer: Path | None, vocab: int = 4096) -> torch
     return model
 
 
+def reference_step(
+    loss: torch.Tensor, model: torch.nn.Module, opt, sched, *, grad_clip: float
+) -> float:
+    """One plain optimizer step of a single-process reference loop (backward, clipping, AdamW,
+    the schedule); returns the loss."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]

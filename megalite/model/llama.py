@@ -144,6 +144,11 @@ class KVCache:
         self.positions = self.mask = None
 
 
+# What a block's attention sees besides its input: the documents of packed windows
+# (data.document_mask), the cache of earlier tokens (generation), or neither (one sequence per row).
+Context = Documents | KVCache | None
+
+
 def _cached_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
@@ -171,18 +176,14 @@ class Attention(nn.Module):
         # The attention core, a swappable function (selective activation checkpointing wraps it).
         self.core: Callable[..., torch.Tensor] = ops.attention
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        documents: Documents | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: Context = None) -> torch.Tensor:
         b, s, _ = x.shape  # (b, s, dim)
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_heads, s, hd)
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_kv_heads, s, hd)
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)  # (b, n_kv_heads, s, hd)
-        if cache is not None:
-            return self._cached(q, k, v, cache)
+        if isinstance(context, KVCache):
+            return self._cached(q, k, v, context)
+        documents = context
         if documents is None:
             cos, sin = self.rope(s)  # (s, hd)
         else:
@@ -228,13 +229,8 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        documents: Documents | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), documents, cache)  # (b, s, dim)
+    def forward(self, x: torch.Tensor, context: Context = None) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), context)  # (b, s, dim)
         return h + self.mlp(self.mlp_norm(h))  # (b, s, dim)
 
 
@@ -311,7 +307,7 @@ class Llama(nn.Module):
         cache.begin(b, s, tokens.device)
         h = self.embed(tokens)  # (b, s, dim)
         for layer in self.layers:
-            h = layer(h, None, cache)  # (b, s, dim)
+            h = layer(h, cache)  # (b, s, dim)
         cache.end(s)
         return self.head(self.norm(h))  # (b, s, vocab_size)
 

@@ -29,7 +29,7 @@ from megalite.model.llama import IGNORE_INDEX, Llama, cross_entropy
 from megalite.parallel.engine import build_optimizer
 from megalite.parallel.parallelize import weighted_loss
 from megalite.parallel.schedule import build_scheduler
-from tests.helpers import read_metrics, short_job, train_losses
+from tests.helpers import read_metrics, reference_step, short_job, train_losses
 
 STEPS = 3
 SAMPLE_TOKENS = 330  # 10 windows of seq_len + 1 = 33
@@ -138,12 +138,7 @@ def reference(cfg: Config, data: Path) -> tuple[list[float], list[int], list[tor
         micro += parts
         batch = torch.cat(parts)  # (global batch, s + 1)
         loss = masked_mean(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(reference_step(loss, model, opt, sched, grad_clip=cfg.optim.grad_clip))
         counts.append(loss_mask.trained_tokens(batch))
     return losses, counts, micro
 

@@ -18,7 +18,7 @@ from megalite.launch import launch
 from megalite.model.llama import Llama, cross_entropy
 from megalite.parallel.engine import build_optimizer
 from megalite.parallel.schedule import build_scheduler
-from tests.helpers import short_job, train_losses
+from tests.helpers import reference_step, short_job, train_losses
 
 STEPS = 10
 
@@ -60,12 +60,7 @@ def reference_losses(cfg: Config, data: Path) -> list[float]:
     for _ in range(t.max_steps):
         batch = torch.cat([next(s) for s in streams for _ in range(cfg.grad_accum_steps)])
         loss = cross_entropy(model(batch[:, :-1]), batch[:, 1:])  # (global_batch, s)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(reference_step(loss, model, opt, sched, grad_clip=cfg.optim.grad_clip))
     return losses
 
 
