@@ -157,6 +157,17 @@ class TrainerConfig:
     spike_factor: float = 0.0
     max_skips: int = 5
     max_rollbacks: int = 3
+    # Every sample_interval steps (0: never) and at the end, the greedy continuation of each of
+    # sample_prompts, sample_tokens long, goes to the log, RUN/samples.jsonl and wandb.
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_interval: int = 0
+    sample_tokens: int = 32
+    # lm-eval tasks scored at every evaluation (step 0, eval_interval, the end) on global rank 0,
+    # eval_limit examples each (None: all), next to val_loss; tasks may be YAML files in the
+    # folders of eval_include_path. tp=1 and pp=1 only.
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_limit: int | None = None
+    eval_include_path: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -337,8 +348,20 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> Non
         "keep_checkpoints",
         "hang_timeout",
         "startup_timeout",
+        "sample_interval",
     ):
         _require(getattr(t, key) >= 0, f"trainer.{key} must be >= 0 (0 disables it)")
+    if t.sample_interval:
+        _validate_samples(t, p, m)
+    _require(
+        not t.eval_tasks or (p.tp == 1 and p.pp == 1 and p.effective_zero_stage < 3),
+        "trainer.eval_tasks are scored on one rank: not yet with tensor or pipeline parallelism "
+        f"or ZeRO-3 (parallel.tp={p.tp}, pp={p.pp}, zero_stage={p.zero_stage})",
+    )
+    _require(
+        t.eval_limit is None or t.eval_limit > 0,
+        f"trainer.eval_limit={t.eval_limit} must be positive (null: every example)",
+    )
     _require(
         t.collective_timeout > 0, f"trainer.collective_timeout={t.collective_timeout} must be > 0"
     )
@@ -387,6 +410,24 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> Non
     _require(
         t.seq_len <= m.max_seq_len,
         f"trainer.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
+    )
+
+
+def _validate_samples(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> None:
+    _require(
+        bool(t.sample_prompts),
+        f"trainer.sample_interval={t.sample_interval} continues trainer.sample_prompts, which is "
+        'empty: set e.g. trainer.sample_prompts=["ROMEO:"] or trainer.sample_interval=0',
+    )
+    _require(
+        0 < t.sample_tokens < m.max_seq_len,
+        f"trainer.sample_tokens={t.sample_tokens} must be in [1, model.max_seq_len="
+        f"{m.max_seq_len})",
+    )
+    _require(
+        p.pp == 1 and p.effective_zero_stage < 3 and not p.sequence_parallel,
+        "trainer.sample_interval > 0: samples are not yet generated with ZeRO-3, pipeline "
+        "parallelism or sequence parallelism: set trainer.sample_interval=0",
     )
 
 

@@ -16,6 +16,10 @@ A sequence stops after it emits one of `stop_ids`, which is included as its last
 others of its batch go on. `use_cache=False` recomputes every step from the whole sequence, one
 sequence at a time through the training forward (no cache, no padding): the reference the tests
 compare the cached path with.
+
+`logits_fn` maps each step's logits before the choice: a tensor-parallel model's forward gives
+this rank's vocabulary shard, which the trainer's samples (`train/trainer.py`) gather over TP
+into the full (b, vocab) there, so that every TP rank takes the same token.
 """
 
 from __future__ import annotations
@@ -47,9 +51,11 @@ def generate(
     stop_ids: Sequence[int] = (),
     on_token: OnToken | None = None,
     use_cache: bool = True,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """Each prompt's new tokens (see the module docstring). `on_token(i, id)` is called for each
-    token as it is chosen, in order per prompt."""
+    token as it is chosen, in order per prompt; `logits_fn` maps each step's (b, *) logits of the
+    last position to the (b, vocab) ones chosen from."""
     check_request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                   top_k=top_k, top_p=top_p)  # fmt: skip
     device = model.embed.weight.device
@@ -65,6 +71,8 @@ def generate(
     last = None
     for _ in range(max_new_tokens):
         logits = step(last)  # (b, vocab) fp32, of the next token of each sequence
+        if logits_fn is not None:
+            logits = logits_fn(logits)  # (b, vocab)
         chosen = choose(logits)  # (b,)
         for i, token in enumerate(chosen.tolist()):
             if done[i]:

@@ -5,6 +5,10 @@ Only the rank that owns the logbook (global rank 0) writes; the others get `Logb
 so call sites need no rank checks. wandb is imported lazily and runs offline by default, into
 `<run_dir>/wandb/`; TensorBoard's event files go to `<run_dir>/tensorboard/`, and it is imported
 only when enabled. Both get the same scalars: every number of a record but its step.
+
+Text samples (`trainer.sample_interval`) go to `samples.jsonl`, one {"step", "prompt", "text"} a
+line, and to wandb as the table `samples`, each time with every row so far (a wandb table is
+replaced, not appended to, at each log).
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class Logbook:
         self._metrics = None
         self._wandb = None
         self._tensorboard = None
+        self._samples: list[list[Any]] = []  # every (step, prompt, text) so far: the wandb table
         if not enabled:
             return
         self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
@@ -106,6 +111,20 @@ class Logbook:
         if self._tensorboard is not None:
             for key, value in numbers.items():
                 self._tensorboard.add_scalar(key, value, global_step=record["step"])
+
+    def write_samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        """Append the (prompt, continuation) pairs of a step to samples.jsonl and wandb."""
+        if self._metrics is None:  # not rank 0, or closed
+            return
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for prompt, text in samples:
+                f.write(json.dumps({"step": step, "prompt": prompt, "text": text}) + "\n")
+        self._samples += [[step, prompt, text] for prompt, text in samples]
+        if self._wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "prompt", "text"], data=self._samples)
+            self._wandb.log({"samples": table}, step=step)
 
     def close(self) -> None:
         if self._metrics is not None:

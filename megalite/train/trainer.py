@@ -5,7 +5,8 @@ checkpoint save/load) happen at the same points on every rank, and only global r
 and metrics. The step is the optimizer step: each consumes `grad_accum_steps` micro-batches per
 data-parallel rank, i.e. `global_batch_size` sequences in all. What the loop leans on is built
 outside and passed in (`worker.make_trainer`): the data (`streams.py`), the checkpoints
-(`checkpointer.py`) and the response to a bad loss (`anomaly.py`).
+(`checkpointer.py`), the response to a bad loss (`anomaly.py`) and, if asked for, the samples and
+task scores watched along the way (`watch.py`).
 
 Saves: every `trainer.save_interval` steps (0: none along the way), at the end (max_steps or
 stop_at_step) when `trainer.save_final`, and at a stop request (SIGUSR1/2, SIGTERM) unless the
@@ -47,6 +48,7 @@ from megalite.train.anomaly import Anomaly, AnomalyPolicy
 from megalite.train.checkpointer import Checkpointer
 from megalite.train.logbook import Logbook, format_line
 from megalite.train.memory_check import MemoryCheck
+from megalite.train.watch import QualityWatch
 from megalite.train.watchdog import HangWatchdog
 
 log = logging.getLogger("megalite")
@@ -80,6 +82,7 @@ class Trainer:
         loss_fn: LossFn = cross_entropy,
         stop: StopRequest | None = None,
         memory_check: MemoryCheck | None = None,
+        watch: QualityWatch | None = None,
     ) -> None:
         self.cfg = cfg
         self.stop = stop
@@ -112,6 +115,7 @@ class Trainer:
         self.masked = train_data.loss_mask  # else each micro-batch's weight is 1, uncounted
         if self.pipeline:
             judge_before_step(self.engine, self.anomalies.judge)
+        self.watch = watch  # trainer.sample_interval, trainer.eval_tasks (watch.py)
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -262,6 +266,7 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
 
     def _log_eval(self, val_loss: float) -> None:
+        scores = {} if self.watch is None else self.watch.score_tasks()
         ppl = math.exp(min(val_loss, 50.0))
         seen = {  # the realised mixture: training tokens drawn from each source so far
             name: windows * self.cfg.trainer.seq_len
@@ -271,6 +276,7 @@ class Trainer:
         if len(seen) > 1:
             total = max(sum(seen.values()), 1)
             mix = " | mix " + " ".join(f"{k} {100 * v / total:.1f}%" for k, v in seen.items())
+        mix += "".join(f" | {k} {v:.4f}" for k, v in scores.items())
         log.info("step %d | val_loss %.4f | val_ppl %.2f%s", self.step, val_loss, ppl, mix)
         self.logbook.write(
             {
@@ -279,6 +285,7 @@ class Trainer:
                 "val_ppl": ppl,
                 "tokens": self.consumed_tokens,
                 "tokens_per_source": seen,
+                **scores,
             }
         )
 
@@ -325,12 +332,16 @@ class Trainer:
                 window, window_start = [], time.perf_counter()
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < last:
                 self._log_eval(self.evaluate())
+            if t.sample_interval and self.step % t.sample_interval == 0 and self.step < last:
+                self._sample()
             if t.save_interval and self.step % t.save_interval == 0:
                 self.save()
             if self.stop is not None and (signum := self.stop.agreed(self.device)):
                 return self._stop_on(signum)
         val_loss = self.evaluate()
         self._log_eval(val_loss)
+        if t.sample_interval:
+            self._sample()
         if t.save_final:
             self._save_unless_saved()
         result = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
@@ -350,6 +361,10 @@ class Trainer:
                 math.exp(min(self.initial_val_loss, 50.0)),
             )
         return result
+
+    def _sample(self) -> None:
+        if self.watch is not None:
+            self.watch.sample(self.step)
 
     def _skip_bad_batch(self) -> None:
         """At a batch a rollback condemned, move past it unread."""

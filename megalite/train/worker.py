@@ -51,6 +51,7 @@ from megalite.train.logbook import Logbook, log_file
 from megalite.train.memory_check import MemoryCheck
 from megalite.train.streams import rank_stream, train_loader
 from megalite.train.trainer import Trainer
+from megalite.train.watch import QualityWatch, data_tokenizer
 from megalite.train.watchdog import StartupWatchdog
 
 log = logging.getLogger("megalite")
@@ -284,7 +285,18 @@ def make_trainer(
         loss_fn=loss_fn,
         stop=stop,
         memory_check=memory_check,
+        watch=quality_watch(cfg, engine=engine, dims=dims, data=sources[0].path, logbook=logbook),
     )
+
+
+def quality_watch(
+    cfg: Config, *, engine: Any, dims: ParallelDims, data: str, logbook: Logbook
+) -> QualityWatch | None:
+    """The samples and task scores of the run (with the data's tokenizer), if it asks for any."""
+    if not (cfg.trainer.sample_interval or cfg.trainer.eval_tasks):
+        return None
+    tokenizer = data_tokenizer(data)
+    return QualityWatch(cfg, engine=engine, dims=dims, tokenizer=tokenizer, logbook=logbook)
 
 
 def _log_layout(cfg: Config, dims: ParallelDims, device: torch.device) -> None:

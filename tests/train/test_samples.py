@@ -1,0 +1,172 @@
+"""Samples during training (`trainer.sample_interval`): a dp=1 x tp=2 run logs the greedy
+continuations of its prompts every N steps and at the end, in the rank-0 log, samples.jsonl and
+its wandb run, equal to a single process's `generate` on the final checkpoint; the KV cache
+decodes a TP-sharded model as the plain one; what cannot sample yet is refused in one line."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megalite.config import ConfigError, validate
+from megalite.infer.generate import generate
+from megalite.infer.load import load_model
+from megalite.launch import compose_config, launch
+from megalite.train.logbook import log_file
+from tests.distributed import run_world
+from tests.helpers import read_metrics, short_job
+
+PROMPTS = ["ROMEO:", "JULIET:"]
+SAMPLING = ["trainer.sample_interval=2", 'trainer.sample_prompts=["ROMEO:","JULIET:"]']
+
+
+def test_a_tp2_run_samples_what_one_process_generates(sample_data: Path, tmp_path: Path) -> None:
+    cfg = short_job(sample_data, tmp_path, "parallel.tp=2", "logging.wandb.mode=offline",
+                    "trainer.sample_tokens=12", *SAMPLING, steps=4)  # fmt: skip
+    launch(cfg, default_run_dir=tmp_path)
+
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in (2, 4) for p in PROMPTS]
+    lines = log_file(tmp_path, 0).read_text()
+    for r in rows:
+        text = r["text"].replace("\n", "\\n")
+        assert f"sample step {r['step']} | {r['prompt']} → {text}" in lines
+    assert "sample step" not in log_file(tmp_path, 1).read_text()  # rank 0 alone writes
+
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(run.rglob("samples_*.table.json")), "no samples table in the wandb run"
+
+    loaded = load_model(tmp_path)  # the final checkpoint (step 4), the data's tokenizer
+    tok = loaded.tokenizer
+    assert tok is not None and tok.eos_id is not None
+    new = generate(loaded.model, [tok.encode(p) for p in PROMPTS], max_new_tokens=12,
+                   stop_ids=(tok.eos_id,))  # fmt: skip
+    assert [r["text"] for r in rows[-2:]] == [tok.decode(ids) for ids in new]
+
+
+def _tp_decoding(rank: int, world: int, out: str) -> None:
+    from megalite.config import ModelConfig
+    from megalite.model.llama import Llama
+    from megalite.parallel.dims import ParallelDims
+    from megalite.parallel.parallelize import apply_tp
+    from megalite.train.watch import full_vocab
+
+    torch.set_num_threads(1)
+    cfg = ModelConfig(name="t", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                      vocab_size=301, max_seq_len=64)  # fmt: skip  # 301: vocabulary padding
+    plain = Llama(cfg, seed=3).eval()
+    dims = ParallelDims(tp=world, pp=1, dp=1, global_rank=rank)
+    dims.build_groups()
+    sharded = copy.deepcopy(plain)
+    apply_tp(sharded, dims, sequence_parallel=False)
+    prompts = [[5, 17, 2], [9, 1, 44, 300, 12, 7], [250]]  # left padding of 3, 0 and 5
+
+    def gather(logits: torch.Tensor) -> torch.Tensor:
+        return full_vocab(logits, dims.group("tp"), vocab_size=cfg.vocab_size)
+
+    results = {
+        "plain": generate(plain, prompts, max_new_tokens=10),
+        "tp_cache": generate(sharded, prompts, max_new_tokens=10, logits_fn=gather),
+        "tp_full": generate(sharded, prompts, max_new_tokens=10, logits_fn=gather, use_cache=False),
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_the_kv_cache_decodes_a_tp_sharded_model(tmp_path: Path) -> None:
+    run_world(_tp_decoding, 2, str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # every TP rank took the same tokens
+    assert ranks[0]["tp_cache"] == ranks[0]["plain"] == ranks[0]["tp_full"]
+
+
+REFUSED = (
+    "trainer.sample_interval > 0: samples are not yet generated with ZeRO-3, pipeline "
+    "parallelism or sequence parallelism: set trainer.sample_interval=0"
+)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.pp=2", *SAMPLING], REFUSED),
+        (
+            ["parallel.dp=2", "parallel.zero_stage=3", "trainer.global_batch_size=16", *SAMPLING],
+            REFUSED,
+        ),
+        (["parallel.tp=2", "parallel.sequence_parallel=true", *SAMPLING], REFUSED),
+        (
+            ["trainer.sample_interval=2"],
+            "trainer.sample_interval=2 continues trainer.sample_prompts, which is empty: set "
+            'e.g. trainer.sample_prompts=["ROMEO:"] or trainer.sample_interval=0',
+        ),
+        (
+            [*SAMPLING, "trainer.sample_tokens=0"],
+            "trainer.sample_tokens=0 must be in [1, model.max_seq_len=1024)",
+        ),
+    ],
+)
+def test_what_cannot_sample_is_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config(["model=tiny", *overrides]))
+    assert str(e.value) == message
+
+
+MC_TASK = """\
+task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+QUESTIONS = [
+    ("ROMEO: But soft, what light", [" through yonder window", " the king"], 0),
+    ("JULIET: O Romeo, Romeo, wherefore", [" art thou", " my lord"], 0),
+    ("To be, or not", [" to be", " the duke"], 0),
+]
+
+
+def test_eval_tasks_are_scored_next_to_val_loss(sample_data: Path, tmp_path: Path) -> None:
+    lm_eval = pytest.importorskip("lm_eval")
+    from megalite.infer.evaluate_cli import task_manager
+    from megalite.infer.lm_eval import MegaliteLM
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    docs = [{"question": q, "choices": c, "answer": a} for q, c, a in QUESTIONS]
+    (tasks / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tasks / "tiny_mc.yaml").write_text(MC_TASK.format(data=tasks / "mc.jsonl"))
+    run_dir = tmp_path / "run"
+    cfg = short_job(sample_data, run_dir, "trainer.eval_interval=1", "trainer.eval_tasks=[tiny_mc]",
+                    f'trainer.eval_include_path=["{tasks}"]', steps=2)  # fmt: skip
+    launch(cfg, default_run_dir=run_dir)
+
+    records = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all({"tiny_mc/acc", "tiny_mc/acc_norm"} <= r.keys() for r in records)
+    assert "| tiny_mc/acc " in log_file(run_dir, 0).read_text()
+    offline = lm_eval.simple_evaluate(
+        model=MegaliteLM(checkpoint=str(run_dir)), tasks=["tiny_mc"], bootstrap_iters=0,
+        task_manager=task_manager((str(tasks),)),
+    )  # fmt: skip  # the final checkpoint (step 2), scored as megalite-evaluate does
+    assert offline["results"]["tiny_mc"]["acc,none"] == records[-1]["tiny_mc/acc"]
+
+
+def test_eval_tasks_are_refused_with_tensor_parallelism() -> None:
+    with pytest.raises(ConfigError) as e:
+        validate(compose_config(["model=tiny", "parallel.tp=2", "trainer.eval_tasks=[tiny_mc]"]))
+    assert str(e.value) == (
+        "trainer.eval_tasks are scored on one rank: not yet with tensor or pipeline parallelism "
+        "or ZeRO-3 (parallel.tp=2, pp=1, zero_stage=1)"
+    )
