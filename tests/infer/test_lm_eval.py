@@ -16,6 +16,7 @@ import torch
 
 from megalite.checkpoint.cli import main as convert_main
 from tests.helpers import save_hf
+from tests.infer.tasks import MC_TASK
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")  # lm-eval's hf model, the reference
@@ -30,21 +31,6 @@ from megalite.infer.lm_eval import MegaliteLM  # noqa: E402
 
 WINDOW = 16  # max_length of both models: the rolling texts span several windows
 
-MC_TASK = """\
-task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 PPL_TASK = """\
 task: tiny_ppl
 dataset_path: json

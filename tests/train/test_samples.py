@@ -19,6 +19,7 @@ from megalite.launch import compose_config, launch
 from megalite.train.logbook import log_file
 from tests.distributed import run_world
 from tests.helpers import read_metrics, short_job
+from tests.infer.tasks import MC_TASK
 
 PROMPTS = ["ROMEO:", "JULIET:"]
 SAMPLING = ["trainer.sample_interval=2", 'trainer.sample_prompts=["ROMEO:","JULIET:"]']
@@ -115,21 +116,6 @@ def test_what_cannot_sample_is_refused(overrides: list[str], message: str) -> No
     assert str(e.value) == message
 
 
-MC_TASK = """\
-task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 QUESTIONS = [
     ("ROMEO: But soft, what light", [" through yonder window", " the king"], 0),
     ("JULIET: O Romeo, Romeo, wherefore", [" art thou", " my lord"], 0),
