@@ -1,20 +1,30 @@
 """A shard's bytes: a WebDataset tar of one `<key>.tokens.npy` member per sample, written with
 fixed metadata (the bytes depend on the tokens alone) and read back checked against the
-manifest. Read with `tarfile` and a small tar/npy decoder, not webdataset: the stream wants a
-whole shard in key order plus integrity checks, and importing webdataset would pull torch into
-the data-preparation CLI."""
+manifest. Read with a small tar/npy decoder, not webdataset: the stream wants a whole shard in
+key order plus integrity checks, and importing webdataset would pull torch into the
+data-preparation CLI. The shards the writer writes are decoded with a few numpy operations per
+shard (`_decode_regular`), anything else member by member, with `tarfile` for tar headers the
+writer never writes (`_decode_members`): both give the same samples or the same error."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
+import queue
+import re
 import tarfile
+import threading
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 
 from megalite.data.errors import DataError
 from megalite.data.manifest import TOKENS_SUFFIX, ShardInfo
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
 
 
 def shard_bytes(samples: list[np.ndarray], *, first_key: int) -> bytes:
@@ -38,20 +48,73 @@ def shard_bytes(samples: list[np.ndarray], *, first_key: int) -> bytes:
 def read_shard(path: Path, info: ShardInfo, *, dtype: str) -> list[np.ndarray]:
     """All samples of one local shard, in key order, as arrays of `dtype` (see `decode_shard`)."""
     try:
-        data = path.read_bytes()
+        data = read_hashed(path)
     except OSError as exc:
         raise DataError(f"cannot read shard {path}: {exc.strerror}") from exc
     return decode_shard(data, info, dtype=dtype, name=str(path))
 
 
-def decode_shard(data: bytes, info: ShardInfo, *, dtype: str, name: str) -> list[np.ndarray]:
+class Hashed(np.ndarray):
+    """A file's bytes (uint8) and their sha256 hex digest (`sha256`), hashed as they were read.
+    An array, not a bytearray: numpy allocates it without zeroing, which costs as much as the
+    read itself."""
+
+    sha256: str = ""
+
+
+_CHUNK = 4 << 20  # bytes read (and hashed) at a time
+
+
+def read_hashed(path: str | Path) -> Hashed:
+    """The bytes of a local file and their sha256, read into one array sized by `fstat`.
+
+    Each chunk read goes to a thread that hashes it while the next is read (hashlib and file
+    reads release the GIL), so checking a shard costs about its read, not its read plus its
+    hash. A file whose size changes during the read raises OSError (a reader retries it)."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        data, sha = np.empty(size, dtype=np.uint8).view(Hashed), hashlib.sha256()
+        view = data.data
+        chunks: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+
+        def hash_chunks() -> None:
+            while (chunk := chunks.get()) is not None:
+                sha.update(chunk)
+
+        hasher = threading.Thread(target=hash_chunks, daemon=True)
+        hasher.start()
+        pos = 0
+        try:
+            while pos < size:
+                n = f.readinto(view[pos : pos + _CHUNK])
+                if not n:
+                    break
+                chunks.put(view[pos : pos + n])
+                pos += n
+        finally:
+            chunks.put(None)
+            hasher.join()
+        if pos != size or f.read(1):
+            raise OSError(errno.EIO, f"{path} changed size while being read (was {size} bytes)")
+    data.sha256 = sha.hexdigest()
+    data.flags.writeable = False  # the samples are views of it
+    return data
+
+
+def decode_shard(
+    data: Buffer | Hashed, info: ShardInfo, *, dtype: str, name: str
+) -> list[np.ndarray]:
     """The samples of a shard's bytes, in key order, as arrays of `dtype`.
 
     The bytes are checked against the manifest (sha256, sample and token counts) before and after
     decoding, so a truncated or overwritten shard raises `DataError` naming it (`name`: its path
-    or URL) instead of yielding wrong tokens or stalling a reader.
+    or URL) instead of yielding wrong tokens or stalling a reader. `Hashed` bytes bring their
+    sha256 along.
     """
-    found = hashlib.sha256(data).hexdigest()
+    if isinstance(data, Hashed):
+        found, data = data.sha256, data.data
+    else:
+        found = hashlib.sha256(data).hexdigest()
     if found != info.sha256:
         raise DataError(
             f"shard {name} is corrupt ({len(data)} bytes, sha256 {found[:16]}…, the manifest's "
@@ -70,8 +133,14 @@ def decode_shard(data: bytes, info: ShardInfo, *, dtype: str, name: str) -> list
     return samples
 
 
-def _decode_tar(data: bytes, dtype: np.dtype) -> list[np.ndarray]:
+def _decode_tar(data: Buffer, dtype: np.dtype) -> list[np.ndarray]:
     """Tar bytes → the samples in key order, as read-only views into `data` (no copies)."""
+    samples = _decode_regular(data, dtype)
+    return samples if samples is not None else _decode_members(data, dtype)
+
+
+def _decode_members(data: Buffer, dtype: np.dtype) -> list[np.ndarray]:
+    """`_decode_tar` member by member: any tar `tarfile` reads, any .npy numpy reads."""
     members: list[tuple[str, np.ndarray]] = []
     headers: dict[bytes, tuple[bytes, tuple[int, ...], np.dtype]] = {}
     view = memoryview(data)
@@ -90,7 +159,7 @@ def _decode_tar(data: bytes, dtype: np.dtype) -> list[np.ndarray]:
     return [array for _, array in members]
 
 
-def _tar_members(data: bytes) -> list[tuple[str, int, int]]:
+def _tar_members(data: Buffer) -> list[tuple[str, int, int]]:
     """(name, data offset, size) of each regular file in a tar.
 
     The shards `shard_bytes` writes (plain USTAR headers, regular files) are parsed here directly,
@@ -101,7 +170,7 @@ def _tar_members(data: bytes) -> list[tuple[str, int, int]]:
     out: list[tuple[str, int, int]] = []
     pos, end = 0, len(data)
     while pos + 512 <= end:
-        header = data[pos : pos + 512]
+        header = bytes(data[pos : pos + 512])
         if header == _ZERO_BLOCK:
             return out
         if header[257:263] != b"ustar\x00" or header[156:157] not in (b"0", b"\x00") or header[345]:
@@ -116,7 +185,7 @@ def _tar_members(data: bytes) -> list[tuple[str, int, int]]:
     return _tarfile_members(data)
 
 
-def _tarfile_members(data: bytes) -> list[tuple[str, int, int]]:
+def _tarfile_members(data: Buffer) -> list[tuple[str, int, int]]:
     out = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
         for info in tar:
@@ -153,3 +222,90 @@ def _decode_npy(
     _, shape, dtype = headers[header]
     headers[b""] = headers[header]
     return np.frombuffer(raw[end:], dtype=dtype).reshape(shape)
+
+
+_MAGIC = np.frombuffer(b"ustar\x00", dtype=np.uint8)
+_SUFFIX = np.frombuffer(b"." + TOKENS_SUFFIX.encode(), dtype=np.uint8)
+_NAME = re.compile(rb"[0-9]+\." + re.escape(TOKENS_SUFFIX.encode()))  # what the writer names
+
+
+def _decode_regular(data: Buffer, dtype: np.dtype) -> list[np.ndarray] | None:
+    """`_decode_tar` for what `shard_bytes` writes, without a Python step per member; None for
+    anything else (left to `_decode_members`, which parses or rejects it as it always has).
+
+    Such a tar is a few runs of members of one size — the full samples, then a shorter last
+    one — laid out every `stride` bytes, each a plain USTAR header named `<digits>.tokens.npy`
+    and a .npy of one header. Each run's first member is parsed in Python; the rest of the run
+    is the longest stretch of members whose header fields and .npy header equal the first's,
+    compared at once as rows of a (members, stride) byte matrix, and its samples are the rows of
+    a strided (members, tokens) view. The keys must rise (file order is key order)."""
+    u8 = np.frombuffer(data, dtype=np.uint8)
+    u8.flags.writeable = False  # the samples of a writable buffer are read-only too
+    runs: list[np.ndarray] = []  # (members, tokens) views
+    keys: list[np.ndarray] = []  # (members,) bytes
+    pos, end = 0, len(u8)
+    while pos + 512 <= end:
+        header = bytes(data[pos : pos + 512])
+        if header == _ZERO_BLOCK:
+            break
+        first = _regular_member(data, pos, dtype)
+        if first is None:
+            return None
+        size, npy_len, name_len = first
+        stride = 512 + -(-size // 512) * 512
+        rows = u8[pos : pos + (end - pos) // stride * stride].reshape(-1, stride)
+        key_len = name_len - len(_SUFFIX)
+        same = (
+            (rows[:, 124:136] == rows[0, 124:136]).all(axis=1)  # size
+            & (rows[:, 156] == rows[0, 156])  # type: a regular file
+            & (rows[:, 257:263] == _MAGIC).all(axis=1)
+            & (rows[:, 345] == 0)  # no name prefix
+            & (rows[:, 512 : 512 + npy_len] == rows[0, 512 : 512 + npy_len]).all(axis=1)
+            & (rows[:, key_len:name_len] == _SUFFIX).all(axis=1)
+            & (rows[:, name_len:100] == 0).all(axis=1)
+            & ((rows[:, :key_len] - ord("0")) < 10).all(axis=1)  # digits (uint8 wraps below)
+        )
+        n = len(same) if same.all() else int(np.argmin(same))
+        if n == 0:  # the member's blocks run past the end: a cut tar
+            return None
+        start = 512 + npy_len
+        runs.append(rows[:n, start : 512 + size].view(dtype))
+        keys.append(np.ascontiguousarray(rows[:n, :key_len]).view(f"S{key_len}")[:, 0])
+        pos += n * stride
+    else:
+        return None  # no end-of-archive block: left to tarfile
+    if not runs:
+        return []
+    ordered = np.concatenate(keys) if len(keys) > 1 else keys[0]
+    if not (ordered[1:] > ordered[:-1]).all():
+        return None  # keys out of order or repeated: sorted by `_decode_members`
+    return [sample for run in runs for sample in run]
+
+
+def _regular_member(data: Buffer, pos: int, dtype: np.dtype) -> tuple[int, int, int] | None:
+    """(size, .npy header length, name length) of the member whose header is at `pos` if it is
+    one `shard_bytes` writes — a plain USTAR file `<digits>.tokens.npy` holding a whole .npy 1.0
+    of one dimension and `dtype` — else None."""
+    header = bytes(data[pos : pos + 512])
+    if header[257:263] != b"ustar\x00" or header[156:157] not in (b"0", b"\x00") or header[345]:
+        return None
+    try:
+        size = int(header[124:136].rstrip(b"\x00 ") or b"0", 8)
+    except ValueError:
+        return None
+    name = header[:100].rstrip(b"\x00")
+    if not _NAME.fullmatch(name) or b"\x00" in name or pos + 512 + size > len(data):
+        return None
+    npy = bytes(data[pos + 512 : pos + 512 + min(size, 65_536)])
+    if npy[:8] != b"\x93NUMPY\x01\x00" or len(npy) < 10:
+        return None
+    npy_len = 10 + int.from_bytes(npy[8:10], "little")
+    try:
+        f = io.BytesIO(npy[:npy_len])
+        np.lib.format.read_magic(f)
+        shape, fortran, found = np.lib.format.read_array_header_1_0(f)
+    except Exception:  # numpy raises several types for bad headers: left to `_decode_members`
+        return None
+    if fortran or found != dtype or len(shape) != 1 or npy_len + shape[0] * dtype.itemsize != size:
+        return None
+    return size, npy_len, len(name)

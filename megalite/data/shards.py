@@ -31,7 +31,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from megalite.data.codec import decode_shard
+from megalite.data.codec import Hashed, decode_shard, read_hashed
 from megalite.data.errors import DataError
 from megalite.data.manifest import (
     MANIFEST_NAME,
@@ -104,7 +104,7 @@ def locate(spec: str, *, retry: Retry = DEFAULT_RETRY) -> Location:
     manifest_url = _swap(urls[0], first, MANIFEST_NAME)
     manifest = read_checked(
         manifest_url,
-        lambda raw: parse_manifest(raw, root=Path(manifest_url).parent, name=manifest_url),
+        lambda raw: parse_manifest(bytes(raw), root=Path(manifest_url).parent, name=manifest_url),
         what=f"manifest {manifest_url}",
         retry=retry,
     )
@@ -139,7 +139,7 @@ def read_shard_at(
     )
 
 
-def read_checked(url: str, check: Callable[[bytes], T], *, what: str, retry: Retry) -> T:
+def read_checked(url: str, check: Callable[[bytes | Hashed], T], *, what: str, retry: Retry) -> T:
     """`check` of the bytes at `url`. A URL's bytes may be a partial download, so a failed check
     is retried with the read; a local file's bytes are what is on disk, so a failed check
     (damage) raises at once, and only the read itself (a network file system's hiccup) is
@@ -149,10 +149,11 @@ def read_checked(url: str, check: Callable[[bytes], T], *, what: str, retry: Ret
     return check(with_retries(lambda: read_bytes(url), what=what, retry=retry))
 
 
-def read_bytes(url: str) -> bytes:
-    """All bytes of a local path or a WebDataset URL; OSError when it cannot be read whole."""
+def read_bytes(url: str) -> bytes | Hashed:
+    """All bytes of a local path (`Hashed`: with their sha256) or a WebDataset URL; OSError when
+    it cannot be read whole."""
     if not _URL.match(url):
-        return Path(url).read_bytes()
+        return read_hashed(url)
     if url.startswith("pipe:"):  # as gopen runs it, with the command's own error kept
         done = subprocess.run(url[5:], shell=True, capture_output=True)
         if done.returncode != 0:

@@ -208,20 +208,27 @@ def main() -> None:
         n, seconds = stream_epoch(data, seq_len=args.seq_len, mb=args.micro_batch, workers=workers)
         stream_rates[workers] = n / seconds
         rows.append((f"stream, {workers} loader worker(s)", n / seconds, "tokens/s"))
-    model = compose_config(["model=7b"]).model
-    train_tps = 0.5 * H100_BF16 / flops_per_token(model, args.seq_len)
-    rows.append(("7b training on 1 H100 at 50% MFU", train_tps, "tokens/s"))
+    try:
+        model = compose_config(["model=7b"]).model
+        train_tps: float | None = 0.5 * H100_BF16 / flops_per_token(model, args.seq_len)
+    except Exception as exc:  # the data rows stand without the model's
+        train_tps = None
+        print(f"the 7b config does not compose ({type(exc).__name__}): no training row")
+    if train_tps is not None:
+        rows.append(("7b training on 1 H100 at 50% MFU", train_tps, "tokens/s"))
 
     print(f"\ncorpus {corpus_bytes / 1e6:.0f} MB of text → {tokens / 1e6:.1f}M train tokens in "
           f"{len(shards)} shards ({shard_bytes / 1e6:.0f} MB); seq_len {args.seq_len}, "
           f"micro-batch {args.micro_batch}")  # fmt: skip
     print(f"prepare with 1 and 2 workers: byte-identical outputs: {identical}")
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'measure':<36}{'rate':>14}  unit")
     for name, rate, unit in rows:
         print(f"{name:<36}{rate:>14,.1f}  {unit}")
     best = max(stream_rates.values())
     print(f"\nstreaming / raw read: {best / raw_tps:.0%} (goal ≥ 50%)")
-    print(f"streaming / 7b-on-H100 consumption: {best / train_tps:.0f}x (goal ≥ 20x)")
+    if train_tps is not None:
+        print(f"streaming / 7b-on-H100 consumption: {best / train_tps:.0f}x (goal ≥ 20x)")
 
 
 if __name__ == "__main__":
