@@ -193,6 +193,12 @@ class Encoder:
             ids = [e.ids for e in encodings]
         return [np.asarray(i, dtype=np.int64) for i in ids]
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids`, special tokens included (as text)."""
+        if self.kind == "sentencepiece":
+            return str(self._sp.decode(list(ids)))
+        return str(self._hf.decode(list(ids), skip_special_tokens=False))
+
     def token_text(self, token_id: int) -> str:
         """A readable form of one token: its piece for SentencePiece, its decoded text else."""
         if self.kind == "sentencepiece":

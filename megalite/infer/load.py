@@ -47,10 +47,7 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """The text of `ids`, special tokens included (as text)."""
-        # Encoder encodes only; its loaded library objects decode.
-        if self.encoder.kind == "sentencepiece":
-            return str(self.encoder._sp.decode(list(ids)))
-        return str(self.encoder._hf.decode(list(ids), skip_special_tokens=False))
+        return self.encoder.decode(ids)
 
 
 @dataclass
