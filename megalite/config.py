@@ -162,9 +162,10 @@ class TrainerConfig:
     sample_prompts: list[str] = field(default_factory=list)
     sample_interval: int = 0
     sample_tokens: int = 32
-    # lm-eval tasks scored at every evaluation (step 0, eval_interval, the end) on global rank 0,
+    # lm-eval tasks scored at every evaluation (step 0, eval_interval, the end) by DP group 0,
     # eval_limit examples each (None: all), next to val_loss; tasks may be YAML files in the
-    # folders of eval_include_path. tp=1 and pp=1 only.
+    # folders of eval_include_path. pp=1, ZeRO 0-2, no sequence parallelism (any tp: the TP
+    # ranks of DP group 0 score together).
     eval_tasks: list[str] = field(default_factory=list)
     eval_limit: int | None = None
     eval_include_path: list[str] = field(default_factory=list)
@@ -354,9 +355,10 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> Non
     if t.sample_interval:
         _validate_samples(t, p, m)
     _require(
-        not t.eval_tasks or (p.tp == 1 and p.pp == 1 and p.effective_zero_stage < 3),
-        "trainer.eval_tasks are scored on one rank: not yet with tensor or pipeline parallelism "
-        f"or ZeRO-3 (parallel.tp={p.tp}, pp={p.pp}, zero_stage={p.zero_stage})",
+        not t.eval_tasks or (p.pp == 1 and p.effective_zero_stage < 3 and not p.sequence_parallel),
+        "trainer.eval_tasks are scored by DP group 0's model: not yet with pipeline or sequence "
+        f"parallelism or ZeRO-3 (parallel.pp={p.pp}, zero_stage={p.zero_stage}, "
+        f"sequence_parallel={p.sequence_parallel})",
     )
     _require(
         t.eval_limit is None or t.eval_limit > 0,

@@ -21,13 +21,18 @@ every token predicted once, each window a full max_length where the text has tha
 `generate_until` runs `megalite.infer.generate` (greedy unless the task samples), stopping at
 the end-of-sequence token and at any stop string that is one token, and cuts the text at the
 first stop string afterwards.
+
+From code, `logits_fn` maps the model's logits before they are scored or chosen from: a
+tensor-parallel model's forward gives this rank's vocabulary shard (b, s, padded / tp), which the
+trainer's task scores (`train/watch.py`) gather over TP into the full (b, s, vocab), every TP rank
+serving the same requests in lockstep.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lm_eval.models  # type: ignore[import-untyped]  # lm-eval's own models first (get_model)
@@ -65,7 +70,8 @@ class EvalError(ValueError):
 @register_model("megalite")
 class MegaliteLM(TemplateLM):
     """A megalite model behind lm-eval's `LM` interface (see the module docstring); from code,
-    `loaded=` takes a model `load_model` already gave instead of `checkpoint`."""
+    `loaded=` takes a model `load_model` already gave instead of `checkpoint`, and `logits_fn`
+    maps its (b, s, *) logits to the (b, s, vocab) ones used (default: as they are)."""
 
     backend = "causal"
 
@@ -81,6 +87,7 @@ class MegaliteLM(TemplateLM):
         prefix_token_id: int | None = None,
         max_batch_size: int | None = None,  # lm-eval passes it for batch_size=auto: unused
         loaded: Loaded | None = None,
+        logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         **unknown: Any,
     ) -> None:
         super().__init__()
@@ -102,6 +109,7 @@ class MegaliteLM(TemplateLM):
         self.max_length = int(max_length or loaded.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
         self._prefix = prefix_token_id
+        self._logits_fn = logits_fn
 
     # ---- what TemplateLM builds on ------------------------------------------------------
 
@@ -151,7 +159,9 @@ class MegaliteLM(TemplateLM):
             tokens = torch.zeros((len(rows), width), dtype=torch.long)  # (b, s), right-padded
             for j, row in enumerate(rows):
                 tokens[j, : len(row)] = torch.tensor(row)
-            logits = self.model(tokens.to(self._device))  # (b, s, vocab)
+            logits = self.model(tokens.to(self._device))  # (b, s, vocab) or a TP shard
+            if self._logits_fn is not None:
+                logits = self._logits_fn(logits)  # (b, s, vocab)
             for j, i in enumerate(batch):
                 cont, end = pairs[i][1], len(rows[j])
                 logp = F.log_softmax(logits[j, end - len(cont) : end].float(), dim=-1)  # (c, vocab)
@@ -258,7 +268,7 @@ class MegaliteLM(TemplateLM):
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             new = generate(self.model, [prompts[i] for i in batch], max_new_tokens=max_new,
-                           stop_ids=stops, **settings)  # fmt: skip
+                           stop_ids=stops, logits_fn=self._logits_fn, **settings)  # fmt: skip
             for i, ids in zip(batch, new, strict=True):
                 texts[i] = postprocess_generated_text(self.tok.decode(ids), until, None)
         return texts

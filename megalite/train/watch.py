@@ -7,10 +7,14 @@ together, the vocabulary shards of each step's logits gathered so that every ran
 token. The other DP ranks, whose weights are the same, go on to the next step. Global rank 0 logs
 the lines and writes them down (`Logbook.write_samples`).
 
-Tasks (`trainer.eval_tasks`, tp=1, pp=1, no ZeRO-3): at every evaluation global rank 0 scores them
-with lm-eval (`infer.lm_eval.MegaliteLM` around `engine.module`, the data tokenizer) and puts
-each metric (`task/metric`) in the val_loss record; the other ranks wait at the next collective.
-The global RNGs are left as they are (no lm-eval seeding but the few-shot sampler's).
+Tasks (`trainer.eval_tasks`, pp=1, no ZeRO-3 or sequence parallelism): at every evaluation DP
+rank 0's model group scores them with lm-eval (`infer.lm_eval.MegaliteLM` around
+`engine.module`, the data tokenizer). With tp > 1 each of its TP ranks runs the same
+`simple_evaluate` in lockstep: the requests, their order and batches are deterministic, hence the
+same on every TP rank, and each forward's vocabulary shards are gathered (the whole sequence's),
+so that every rank scores and generates the same. Global rank 0 puts each metric (`task/metric`)
+in the val_loss record; the other DP ranks wait at the next collective. The global RNGs are left
+as they are (no lm-eval seeding but the few-shot sampler's).
 """
 
 from __future__ import annotations
@@ -44,12 +48,12 @@ def data_tokenizer(data_path: str) -> Tokenizer:
 def full_vocab(
     logits: torch.Tensor, tp_group: dist.ProcessGroup, *, vocab_size: int
 ) -> torch.Tensor:
-    """This TP rank's shard of the padded vocabulary's logits (b, padded / tp), gathered over
-    `tp_group` into the full (b, vocab_size), padding cut: the same on every TP rank.
-    Collective."""
+    """This TP rank's shard of the padded vocabulary's logits (..., padded / tp), gathered over
+    `tp_group` into the full (..., vocab_size), padding cut: the same on every TP rank. Any
+    leading shape: (b,) for a decoding step, (b, s) for a scored sequence. Collective."""
     parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(tp_group))]
     dist.all_gather(parts, logits.contiguous(), group=tp_group)
-    return torch.cat(parts, dim=-1)[:, :vocab_size]  # (b, vocab_size)
+    return torch.cat(parts, dim=-1)[..., :vocab_size]  # (..., vocab_size)
 
 
 def task_index(tasks: list[str], include_path: list[str]) -> Any:
@@ -85,8 +89,8 @@ class QualityWatch:
             self._sample_ids = [tokenizer.encode(p) for p in t.sample_prompts]
             # A prompt that does not fit fails here, not at the first sample.
             check_request(engine.module, self._sample_ids, max_new_tokens=t.sample_tokens)
-        self._tasks: Any = None  # lm-eval's task index (trainer.eval_tasks), on global rank 0
-        if t.eval_tasks and logbook.enabled:
+        self._tasks: Any = None  # lm-eval's task index (trainer.eval_tasks), on DP rank 0
+        if t.eval_tasks and dims.dp_rank == 0:
             self._tasks = task_index(t.eval_tasks, t.eval_include_path)
 
     def sample(self, step: int) -> list[str]:
@@ -123,7 +127,7 @@ class QualityWatch:
 
     def score_tasks(self) -> dict[str, float]:
         """trainer.eval_tasks scored by lm-eval on the model as it is, `task/metric` -> value, on
-        global rank 0 ({} elsewhere; see the module docstring)."""
+        global rank 0 ({} elsewhere; see the module docstring). Collective over TP."""
         t = self.cfg.trainer
         if self._tasks is None:
             return {}
@@ -134,14 +138,18 @@ class QualityWatch:
 
         model = self.engine.module
         loaded = Loaded(model=model, tokenizer=self.tokenizer, source=self.tokenizer.source)
+        logits_fn = self._full_vocab if self.dims.tp > 1 else None
         model.eval()
         try:
             results = lm_eval.simple_evaluate(
-                model=MegaliteLM(loaded=loaded), tasks=list(t.eval_tasks), limit=t.eval_limit,
+                model=MegaliteLM(loaded=loaded, logits_fn=logits_fn), tasks=list(t.eval_tasks),
+                limit=t.eval_limit,
                 task_manager=self._tasks, bootstrap_iters=0, log_samples=False,
                 random_seed=None, numpy_random_seed=None, torch_random_seed=None,
                 fewshot_random_seed=0,
             )  # fmt: skip
         finally:
             model.train()
+        if not self.logbook.enabled:  # another TP rank (lm-eval returns None where LOCAL_RANK
+            return {}  # is not 0): global rank 0 reports
         return {f"{task}/{metric}": value for task, metric, value, _ in metric_rows(results)}

@@ -1,7 +1,9 @@
 """Samples during training (`trainer.sample_interval`): a dp=1 x tp=2 run logs the greedy
 continuations of its prompts every N steps and at the end, in the rank-0 log, samples.jsonl and
 its wandb run, equal to a single process's `generate` on the final checkpoint; the KV cache
-decodes a TP-sharded model as the plain one; what cannot sample yet is refused in one line."""
+decodes a TP-sharded model as the plain one; what cannot sample yet is refused in one line.
+Task scores (`trainer.eval_tasks`) of a tp=1 and a tp=2 run equal lm-eval's offline score of the
+final checkpoint."""
 
 from __future__ import annotations
 
@@ -123,7 +125,8 @@ QUESTIONS = [
 ]
 
 
-def test_eval_tasks_are_scored_next_to_val_loss(sample_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tp", [1, 2])
+def test_eval_tasks_are_scored_next_to_val_loss(sample_data: Path, tmp_path: Path, tp: int) -> None:
     lm_eval = pytest.importorskip("lm_eval")
     from megalite.infer.evaluate_cli import task_manager
     from megalite.infer.lm_eval import MegaliteLM
@@ -135,24 +138,48 @@ def test_eval_tasks_are_scored_next_to_val_loss(sample_data: Path, tmp_path: Pat
     (tasks / "tiny_mc.yaml").write_text(MC_TASK.format(data=tasks / "mc.jsonl"))
     run_dir = tmp_path / "run"
     cfg = short_job(sample_data, run_dir, "trainer.eval_interval=1", "trainer.eval_tasks=[tiny_mc]",
-                    f'trainer.eval_include_path=["{tasks}"]', steps=2)  # fmt: skip
+                    f'trainer.eval_include_path=["{tasks}"]', f"parallel.tp={tp}",
+                    steps=2)  # fmt: skip  # tp=2: both TP ranks score in lockstep
     launch(cfg, default_run_dir=run_dir)
 
     records = [r for r in read_metrics(run_dir) if "val_loss" in r]
     assert [r["step"] for r in records] == [0, 1, 2]
     assert all({"tiny_mc/acc", "tiny_mc/acc_norm"} <= r.keys() for r in records)
     assert "| tiny_mc/acc " in log_file(run_dir, 0).read_text()
+    if tp > 1:
+        assert "| tiny_mc/acc " not in log_file(run_dir, 1).read_text()  # rank 0 alone reports
     offline = lm_eval.simple_evaluate(
         model=MegaliteLM(checkpoint=str(run_dir)), tasks=["tiny_mc"], bootstrap_iters=0,
         task_manager=task_manager((str(tasks),)),
     )  # fmt: skip  # the final checkpoint (step 2), scored as megalite-evaluate does
-    assert offline["results"]["tiny_mc"]["acc,none"] == records[-1]["tiny_mc/acc"]
+    for metric in ("acc", "acc_norm"):
+        assert offline["results"]["tiny_mc"][f"{metric},none"] == records[-1][f"tiny_mc/{metric}"]
 
 
-def test_eval_tasks_are_refused_with_tensor_parallelism() -> None:
+@pytest.mark.parametrize(
+    ("overrides", "settings"),
+    [
+        (["parallel.pp=2"], "parallel.pp=2, zero_stage=1, sequence_parallel=False"),
+        (
+            ["parallel.dp=2", "parallel.zero_stage=3", "trainer.global_batch_size=16"],
+            "parallel.pp=1, zero_stage=3, sequence_parallel=False",
+        ),
+        (
+            ["parallel.tp=2", "parallel.sequence_parallel=true"],
+            "parallel.pp=1, zero_stage=1, sequence_parallel=True",
+        ),
+    ],
+)
+def test_eval_tasks_are_refused_where_they_cannot_be_scored_yet(
+    overrides: list[str], settings: str
+) -> None:
     with pytest.raises(ConfigError) as e:
-        validate(compose_config(["model=tiny", "parallel.tp=2", "trainer.eval_tasks=[tiny_mc]"]))
+        validate(compose_config(["model=tiny", *overrides, "trainer.eval_tasks=[tiny_mc]"]))
     assert str(e.value) == (
-        "trainer.eval_tasks are scored on one rank: not yet with tensor or pipeline parallelism "
-        "or ZeRO-3 (parallel.tp=2, pp=1, zero_stage=1)"
+        "trainer.eval_tasks are scored by DP group 0's model: not yet with pipeline or sequence "
+        f"parallelism or ZeRO-3 ({settings})"
     )
+
+
+def test_eval_tasks_are_accepted_with_tensor_parallelism() -> None:
+    validate(compose_config(["model=tiny", "parallel.tp=2", "trainer.eval_tasks=[tiny_mc]"]))
