@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from collections import defaultdict
@@ -31,32 +29,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # throughput_cpu: the same world of one
 
 import torch
+from throughput_cpu import run_alone, single_process_trainer  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import megalite.train.trainer as trainer_module
-from megalite.cluster.local import free_port
-from megalite.launch import compose_config, prepare_run
-from megalite.model.llama import Llama
-from megalite.parallel.dims import ParallelDims
-from megalite.parallel.engine import build_engine
-from megalite.rank.env import from_environ, init_distributed
-from megalite.train.logbook import Logbook
 from megalite.train.trainer import Trainer
 from megalite.train.watchdog import HangWatchdog
-from megalite.train.worker import make_trainer, seed_everything
-
-DEFAULTS = [
-    "model=tiny",
-    "trainer.seq_len=256",
-    "trainer.micro_batch_size=8",
-    "trainer.global_batch_size=8",
-    "parallel.zero_stage=1",
-    "trainer.save_interval=0",
-    "trainer.save_final=false",
-    "logging.wandb.mode=disabled",
-]
 
 # Row order of the table: (piece, what it covers).
 PIECES = [
@@ -172,17 +153,6 @@ def run_steps(trainer: Trainer, watchdog: HangWatchdog, steps: int) -> None:
             window, window_start = [], time.perf_counter()
 
 
-def build(cfg: Any, run_dir: Path) -> Trainer:
-    seed_everything(cfg.trainer.seed)
-    dims = ParallelDims(tp=1, pp=1, dp=1, global_rank=0)
-    dims.build_groups()
-    engine, scheduler = build_engine(Llama(cfg.model, seed=cfg.trainer.seed), cfg, dims)
-    return make_trainer(
-        cfg, engine=engine, scheduler=scheduler, dims=dims, device=torch.device("cpu"),
-        run_dir=run_dir, logbook=Logbook(run_dir, enabled=False),
-    )  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -192,20 +162,11 @@ def main() -> None:
     args = parser.parse_args()
     # The wrapped optimizer.step makes torch's LR scheduler warn of a wrong call order; it is not.
     warnings.filterwarnings("ignore", message="Seems like `optimizer.step()` has been overridden")
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port()))
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    run_dir = Path(tempfile.mkdtemp(prefix="megalite-profile-"))
-    try:
-        measure(args, run_dir)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    run_alone(measure, args, prefix="megalite-profile-")
 
 
-def measure(args: argparse.Namespace, run_dir: Path) -> None:
-    cfg = compose_config([*DEFAULTS, *args.overrides, f"trainer.run_dir={run_dir}"])
-    prepare_run(cfg, run_dir=run_dir, world_size=1)
-    init_distributed(from_environ(), device=torch.device("cpu"))
-    trainer = build(cfg, run_dir)
+def measure(args: argparse.Namespace, cfg: Any, run_dir: Path) -> None:
+    trainer = single_process_trainer(cfg, run_dir)
     clock = Clock()
     instrument(trainer, clock)
     trainer.hang_log.parent.mkdir(parents=True, exist_ok=True)

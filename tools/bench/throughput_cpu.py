@@ -24,7 +24,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -39,6 +41,7 @@ from megalite.parallel.dims import ParallelDims
 from megalite.parallel.engine import build_engine, build_optimizer
 from megalite.rank.env import from_environ, init_distributed
 from megalite.train.logbook import Logbook
+from megalite.train.trainer import Trainer
 from megalite.train.worker import make_trainer, seed_everything
 
 DEFAULTS = [
@@ -61,6 +64,13 @@ def stream(cfg, data: Path) -> TokenStream:
     )  # fmt: skip
 
 
+def update(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg) -> None:
+    """The baselines' optimizer step: clipping, AdamW, gradients cleared."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def plain_loop(cfg, data: Path):
     """The baseline: nothing but forward, backward, clip and AdamW."""
     seed_everything(cfg.trainer.seed)
@@ -73,9 +83,7 @@ def plain_loop(cfg, data: Path):
             batch = next(batches)
             loss = cross_entropy(model(batch[:, :-1]), batch[:, 1:])
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(model, opt, cfg)
 
     return step
 
@@ -100,23 +108,40 @@ def hf_loop(cfg, data: Path):
                 logits.reshape(-1, vocab).float(), batch[:, 1:].reshape(-1)
             )
             (loss / cfg.grad_accum_steps).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(model, opt, cfg)
 
     return step
 
 
-def megalite_loop(cfg, run_dir: Path):
+def single_process_trainer(cfg, run_dir: Path) -> Trainer:
+    """The trainer of a world of one process, as the worker builds it (also step_profile.py's)."""
     seed_everything(cfg.trainer.seed)
     dims = ParallelDims(tp=1, pp=1, dp=1, global_rank=0)
     dims.build_groups()
     engine, scheduler = build_engine(Llama(cfg.model, seed=cfg.trainer.seed), cfg, dims)
-    trainer = make_trainer(
+    return make_trainer(
         cfg, engine=engine, scheduler=scheduler, dims=dims, device=torch.device("cpu"),
         run_dir=run_dir, logbook=Logbook(run_dir, enabled=False),
     )  # fmt: skip
-    return trainer.train_step
+
+
+def megalite_loop(cfg, run_dir: Path):
+    return single_process_trainer(cfg, run_dir).train_step
+
+
+def run_alone(measure: Callable[[argparse.Namespace, Any, Path], None], args, *, prefix: str):
+    """`measure(args, cfg, run_dir)` in a world of this one process (gloo), the config composed
+    from DEFAULTS and `args.overrides`, in a temporary run folder removed afterwards."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port()))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        cfg = compose_config([*DEFAULTS, *args.overrides, f"trainer.run_dir={run_dir}"])
+        prepare_run(cfg, run_dir=run_dir, world_size=1)
+        init_distributed(from_environ(), device=torch.device("cpu"))
+        measure(args, cfg, run_dir)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def tokens_per_s(step, steps: int, tokens_per_step: int) -> float:
@@ -131,20 +156,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_PORT=str(free_port()))
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    run_dir = Path(tempfile.mkdtemp(prefix="megalite-bench-"))
-    try:
-        measure(args, run_dir)
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+    run_alone(measure, parser.parse_args(), prefix="megalite-bench-")
 
 
-def measure(args: argparse.Namespace, run_dir: Path) -> None:
-    cfg = compose_config([*DEFAULTS, *args.overrides, f"trainer.run_dir={run_dir}"])
-    prepare_run(cfg, run_dir=run_dir, world_size=1)
-    init_distributed(from_environ(), device=torch.device("cpu"))
+def measure(args: argparse.Namespace, cfg: Any, run_dir: Path) -> None:
     data = Path(cfg.data.path)
     tokens_per_step = cfg.trainer.global_batch_size * cfg.trainer.seq_len
 
