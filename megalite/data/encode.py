@@ -259,10 +259,14 @@ class EncodeTask:
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(all ids concatenated as uint32, one length per text): cheap to send between
         processes; `unpack` splits it again."""
-        ids = _task_encoder(self).encode(texts)
+        ids = self.encoder().encode(texts)
         lengths = np.array([len(i) for i in ids], dtype=np.int64)
         flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
         return flat.astype(np.uint32), lengths
+
+    def encoder(self) -> Encoder:
+        """This process's `Encoder` of the task's tokenizer, built once."""
+        return _task_encoder(self)
 
 
 @functools.lru_cache(maxsize=4)

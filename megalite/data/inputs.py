@@ -70,6 +70,13 @@ def _expand(spec: str) -> list[Path]:
     raise DataError(f"input path {spec} does not exist")
 
 
+def json_lines(path: Path) -> Iterable[str] | None:
+    """The lines of a .jsonl, .jsonl.gz or .jsonl.zst file (read lazily); None for another kind."""
+    lines = {".jsonl": _text_lines, ".jsonl.gz": _gzip_lines, ".jsonl.zst": _zstd_lines}
+    read = lines.get(input_suffix(path) or "")
+    return None if read is None else read(path)
+
+
 def read_texts(path: Path, *, txt_document: str, text_field: str) -> Iterator[str]:
     """The normalised documents of one input file, in file order (empty ones included)."""
     suffix = input_suffix(path)
@@ -77,12 +84,9 @@ def read_texts(path: Path, *, txt_document: str, text_field: str) -> Iterator[st
         if txt_document == "paragraph":
             return _paragraphs(path)
         return iter([normalize(path.read_text(encoding="utf-8-sig", errors="replace"))])
-    if suffix == ".jsonl":
-        return _jsonl_texts(path, _text_lines(path), text_field)
-    if suffix == ".jsonl.gz":
-        return _jsonl_texts(path, _gzip_lines(path), text_field)
-    if suffix == ".jsonl.zst":
-        return _jsonl_texts(path, _zstd_lines(path), text_field)
+    lines = json_lines(path)
+    if lines is not None:
+        return _jsonl_texts(path, lines, text_field)
     if suffix == ".parquet":
         return _parquet_texts(path, text_field)
     raise DataError(f"input {path} is not a {_KINDS} file")

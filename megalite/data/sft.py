@@ -31,17 +31,16 @@ special tokens, which the sentencepiece library does not parse from text.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from megalite.data import inputs
-from megalite.data.encode import EncodeTask, _task_encoder
+from megalite.data.encode import EncodeTask
 from megalite.data.errors import DataError
-from megalite.data.inputs import input_suffix, normalize
+from megalite.data.inputs import json_lines, normalize
 from megalite.data.loss_mask import MASKED_DTYPE, encode
 
 SFT_FORMATS = ("chat", "prompt-response")
@@ -124,10 +123,10 @@ def document(segments: Segments, *, end: bool) -> str:
 def read_records(path: Path, *, data_format: str, template: ChatTemplate | None) -> Iterator[str]:
     """The documents (`document`) of one jsonl file's records, in file order; a bad record
     raises `DataError` naming the file and line."""
-    lines = _LINES.get(input_suffix(path) or "")
+    lines = json_lines(path)
     if lines is None:
         raise DataError(f"input {path}: --format {data_format} reads .jsonl[.gz|.zst] files")
-    for line_no, line in enumerate(lines(path), 1):
+    for line_no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
@@ -140,13 +139,6 @@ def read_records(path: Path, *, data_format: str, template: ChatTemplate | None)
             yield _chat_document(record, template, where)
         else:
             yield _prompt_response_document(record, where)
-
-
-_LINES: dict[str, Callable[[Path], Iterable[str]]] = {
-    ".jsonl": inputs._text_lines,
-    ".jsonl.gz": inputs._gzip_lines,
-    ".jsonl.zst": inputs._zstd_lines,
-}
 
 
 def _prompt_response_document(record: Any, where: str) -> str:
@@ -199,7 +191,7 @@ class RecordTask:
     def __call__(self, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(all records' stored tokens (`loss_mask.encode`) concatenated, one length per
         record): `unpack` splits it again."""
-        encoder = _task_encoder(self.encode)
+        encoder = self.encode.encoder()
         parsed = [json.loads(doc) for doc in docs]
         texts = [text for raw in parsed for text, _ in raw["segments"]]
         ids = iter(encoder.encode(texts))

@@ -5,6 +5,7 @@ resumable from the position after any shard. `ShardWriter` cuts one token stream
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -56,7 +57,7 @@ def write_shard(
     )
 
 
-class _ShardFolder:
+class _ShardFolder(ABC):
     """What both writers share: the shards written so far in `folder`, the samples of the one
     being filled, and the write of a full one (atomic; then `position` and `on_shard`)."""
 
@@ -95,9 +96,9 @@ class _ShardFolder:
         if self.on_shard is not None:
             self.on_shard()
 
+    @abstractmethod
     def _position(self) -> WriterPosition:
         """Where a writer resumed after the last shard written goes on."""
-        raise NotImplementedError
 
 
 class ShardWriter(_ShardFolder):

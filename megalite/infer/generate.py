@@ -18,7 +18,7 @@ sequence at a time through the training forward (no cache, no padding): the refe
 compare the cached path with.
 
 `logits_fn` maps each step's logits before the choice: a tensor-parallel model's forward gives
-this rank's vocabulary shard, which the trainer's samples (`train/trainer.py`) gather over TP
+this rank's vocabulary shard, which the trainer's samples (`train/watch.py`) gather over TP
 into the full (b, vocab) there, so that every TP rank takes the same token.
 """
 

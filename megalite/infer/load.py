@@ -30,6 +30,8 @@ from megalite.checkpoint.store import CheckpointError
 from megalite.config import ModelConfig
 from megalite.data.encode import EOD_TOKEN, Encoder, TokenizerFile, read_tokenizer_config
 from megalite.data.errors import DataError
+from megalite.data.manifest import load_manifest
+from megalite.data.stats import tokenizer_of
 from megalite.model.llama import Llama
 
 
@@ -137,19 +139,17 @@ def _build(
 def _tokenizer(source: Path, meta: dict[str, Any]) -> Tokenizer:
     """The model's tokenizer (see the module docstring), or one line saying none is known."""
     file = tokenizer_in(source)
-    if file is not None:
-        eos_token = read_tokenizer_config(source).eos_token
-    else:
-        file = data_tokenizer(meta)
-        if file is None:
+    if file is None:
+        in_data = data_tokenizer(meta)
+        if in_data is None:
             data = meta.get("data_path")
             where = f"and its data folder {data} is gone" if data else "and names no data folder"
             raise CheckpointError(
                 f"{source} has no tokenizer (no tokenizer.json or tokenizer.model) {where}: "
                 "generate needs one (load_model(..., tokenizer=False) gives ids only)"
             )
-        manifest = json.loads((file.parent / "manifest.json").read_text())
-        eos_token = manifest.get("eod_token", EOD_TOKEN)
+        return data_folder_tokenizer(in_data.parent)
+    eos_token = read_tokenizer_config(source).eos_token
     # A named EOS token is what its id is; else the id a config names, else the tokenizer's own
     # (a SentencePiece model's EOS piece, or "<|endoftext|>" where a tokenizer.json has it).
     eos_id = None if eos_token is not None else _eos_id(source, meta)
@@ -168,6 +168,17 @@ def _tokenizer(source: Path, meta: dict[str, Any]) -> Tokenizer:
     if eos_id is None and (known or kind == "sentencepiece"):
         eos_id = encoder.eod_id
     return Tokenizer(encoder, eos_id=eos_id, source=file)
+
+
+def data_folder_tokenizer(folder: str | Path) -> Tokenizer:
+    """The tokenizer a prepared data folder was encoded with (its manifest's), ending sequences at
+    its end-of-document token."""
+    try:
+        manifest = load_manifest(folder)
+        encoder = tokenizer_of(manifest)
+    except DataError as e:
+        raise CheckpointError(str(e)) from None
+    return Tokenizer(encoder, eos_id=manifest.eod_token_id, source=manifest.tokenizer_path)
 
 
 def _eos_id(folder: Path, meta: dict[str, Any]) -> int | None:

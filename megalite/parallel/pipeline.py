@@ -160,17 +160,12 @@ def stage_bounds(layers: list, *, pp: int, stage: int, partition: str) -> tuple[
 Labels = tuple[torch.Tensor, torch.Tensor]  # targets (b, s), weight () fp32
 
 
-def labelled_loss(
-    loss_fn: LossFn,
-) -> Callable[[torch.Tensor, torch.Tensor | Labels], torch.Tensor]:
+def labelled_loss(loss_fn: LossFn) -> Callable[[torch.Tensor, Labels], torch.Tensor]:
     """The last stage's loss of logits and labels (targets, weight): `weighted_loss`. The weight
     travels with the targets because only the last stage's loss sees the labels, one micro-batch
-    at a time, and each micro-batch has its own (the trainer's `pairs` packs them). Labels that
-    are plain targets (a benchmark's random batches) get their own mean, `loss_fn`."""
+    at a time, and each micro-batch has its own (the trainer's `pairs` packs them)."""
 
-    def loss(logits: torch.Tensor, labels: torch.Tensor | Labels) -> torch.Tensor:
-        if isinstance(labels, torch.Tensor):
-            return loss_fn(logits, labels)
+    def loss(logits: torch.Tensor, labels: Labels) -> torch.Tensor:
         targets, weight = labels
         return weighted_loss(loss_fn, logits, targets, weight)
 

@@ -26,23 +26,12 @@ import torch
 import torch.distributed as dist
 
 from megalite.config import Config
-from megalite.data.manifest import load_manifest
-from megalite.data.stats import tokenizer_of
 from megalite.infer.generate import check_request, generate
 from megalite.infer.load import Loaded, Tokenizer
 from megalite.parallel.dims import ParallelDims
 from megalite.train.logbook import Logbook
 
 log = logging.getLogger("megalite")
-
-
-def data_tokenizer(data_path: str) -> Tokenizer:
-    """The tokenizer of the data folder `data_path` (its manifest's), ending samples at its
-    end-of-document token."""
-    manifest = load_manifest(data_path)
-    return Tokenizer(
-        tokenizer_of(manifest), eos_id=manifest.eod_token_id, source=manifest.tokenizer_path
-    )
 
 
 def full_vocab(

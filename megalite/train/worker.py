@@ -26,6 +26,7 @@ import torch
 from megalite.checkpoint import init_from, store
 from megalite.config import Config
 from megalite.data.mixture import configured_sources
+from megalite.infer.load import data_folder_tokenizer
 from megalite.model import ops
 from megalite.model.llama import cross_entropy
 from megalite.parallel.build import build_model
@@ -51,7 +52,7 @@ from megalite.train.logbook import Logbook, log_file
 from megalite.train.memory_check import MemoryCheck
 from megalite.train.streams import rank_stream, train_loader
 from megalite.train.trainer import Trainer
-from megalite.train.watch import QualityWatch, data_tokenizer
+from megalite.train.watch import QualityWatch
 from megalite.train.watchdog import StartupWatchdog
 
 log = logging.getLogger("megalite")
@@ -295,7 +296,7 @@ def quality_watch(
     """The samples and task scores of the run (with the data's tokenizer), if it asks for any."""
     if not (cfg.trainer.sample_interval or cfg.trainer.eval_tasks):
         return None
-    tokenizer = data_tokenizer(data)
+    tokenizer = data_folder_tokenizer(data)
     return QualityWatch(cfg, engine=engine, dims=dims, tokenizer=tokenizer, logbook=logbook)
 
 

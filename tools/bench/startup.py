@@ -61,6 +61,7 @@ from megalite.parallel.engine import build_engine
 from megalite.parallel.parallelize import apply_tp, tag_plain_names
 from megalite.rank.env import from_environ, init_distributed
 from megalite.train.memory_check import PeakSampler
+from megalite.train.trainer import pairs
 from megalite.train.worker import quiet_known_warnings
 
 CPU = torch.device("cpu")
@@ -124,15 +125,16 @@ def _one_step(engine: Any, loss_fn: Any, cfg: Config) -> None:
     t, vocab = cfg.trainer, cfg.model.vocab_size
     g = torch.Generator().manual_seed(0)
 
-    def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randint(0, vocab, (t.micro_batch_size, t.seq_len + 1), generator=g)
-        return x[:, :-1], x[:, 1:]
+    def window() -> torch.Tensor:
+        return torch.randint(0, vocab, (t.micro_batch_size, t.seq_len + 1), generator=g)
 
-    if cfg.parallel.pp > 1:
-        engine.train_batch(data_iter=iter([batch() for _ in range(cfg.grad_accum_steps)]))
+    if cfg.parallel.pp > 1:  # as the trainer feeds it: every micro-batch of random ids weighs 1
+        windows = [window() for _ in range(cfg.grad_accum_steps)]
+        engine.train_batch(data_iter=pairs(windows, [1.0] * len(windows)))
         return
     for _ in range(cfg.grad_accum_steps):
-        x, y = batch()
+        x = window()
+        x, y = x[:, :-1], x[:, 1:]
         engine.backward(loss_fn(engine(x), y))
         engine.step()
 
