@@ -156,6 +156,9 @@ def main() -> None:
         {"setup": lambda extra: None, "demo": demo, "test": test}[args.what](args.extra)
     except subprocess.CalledProcessError as e:
         sys.exit(e.returncode)
+    except KeyboardInterrupt:  # Ctrl-C: the child has had it too; no traceback of the wait
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
