@@ -4,8 +4,8 @@ fails here, with one line.
 Sequence: typed config (with `trainer.init_from`, the model shape of its checkpoint) → validate →
 run directory → data (bundled sample prepared on first use) → tokenizer vs model vocabulary →
 resume target checked against model shape and layout → resolved `config.yaml` written →
-init_from's weights converted for the ranks where needed → workers (spawned here, submitted to
-SLURM with `+cluster=slurm`, or this process is one of torchrun's/srun's).
+init_from's weights converted for the ranks where needed → workers (`cluster.launch`: spawned
+here, submitted to SLURM with `+cluster=slurm`, or this process is one of torchrun's/srun's).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, TypeGuard
 from omegaconf import DictConfig, OmegaConf
 
 from megalite.checkpoint import init_from, store
-from megalite.cluster.local import RankExited, spawn
+from megalite.cluster.launch import run_workers
 from megalite.config import (
     Config,
     ConfigError,
@@ -39,7 +39,6 @@ from megalite.data.mixture import (
 from megalite.data.sample import prepare_sample
 from megalite.data.shards import Location, Retry, is_pattern, locate
 from megalite.rank.env import from_environ
-from megalite.train.worker import run_worker
 
 log = logging.getLogger("megalite")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -371,32 +370,14 @@ def _hydra_names_model() -> bool:
 
 def launch(cfg: Config, *, default_run_dir: Path) -> dict[str, Any] | None:
     """Run the job: in this process if an outside launcher started it, on SLURM with
-    `cluster.launcher=slurm`, else in tp*pp*dp local children."""
+    `cluster.launcher=slurm`, else in tp*pp*dp local children (`cluster.launch.run_workers`)."""
     env = from_environ()
     adopt_init_model(cfg, model_given=_hydra_names_model())
-    if cfg.cluster.launcher == "slurm" and env is None:  # submit; the tasks run SlurmTask
-        from megalite.cluster import slurm
-
-        run_dir = resolve_run_dir(cfg, default_run_dir=default_run_dir, outside=False)
-        resume = prepare_run(cfg, run_dir=run_dir, world_size=None)
-        return slurm.run_job(cfg, run_dir=run_dir, resume=resume)
     run_dir = resolve_run_dir(cfg, default_run_dir=default_run_dir, outside=env is not None)
-    resume = prepare_run(
+    resume = prepare_run(  # submitted to SLURM, the world is checked when its tasks start
         cfg,
         run_dir=run_dir,
         world_size=env.world_size if env else None,
         writer=env is None or env.global_rank == 0,
     )
-    resume_from = [str(c) for c in resume]
-    if env is not None:  # under srun (slurm/pretrain.sbatch) a signal-stopped run is requeued
-        from megalite.cluster.slurm import after_run
-
-        return after_run(run_worker(cfg, str(run_dir), resume_from), cfg, str(run_dir))
-    try:
-        spawn(run_worker, nprocs=cfg.world_size, args=(cfg, str(run_dir), resume_from))
-    except RankExited as e:
-        if e.reported or store.latest(run_dir / "checkpoints") is None:
-            raise
-        hint = "; resume from the last checkpoint with trainer.resume=auto"
-        raise RankExited(f"{e}{hint}", reported=False) from None
-    return None
+    return run_workers(cfg, run_dir=run_dir, resume=resume, env=env)

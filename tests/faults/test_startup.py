@@ -13,6 +13,7 @@ import pytest
 
 from megalite import launch as launch_module
 from megalite.checkpoint import store
+from megalite.cluster import launch as cluster_launch
 from megalite.cluster.local import RankExited
 from tests.faults.test_ranks import ROOT, job
 from tests.helpers import read_metrics, short_job
@@ -93,7 +94,7 @@ def test_a_dead_rank_suggests_resuming_only_from_a_checkpoint(
             (ckpt / store.META).write_text('{"files": {}, "previous": null}')
         raise RankExited(died, reported=False)
 
-    monkeypatch.setattr(launch_module, "spawn", dies)
+    monkeypatch.setattr(cluster_launch, "spawn", dies)
     with pytest.raises(RankExited) as e:
         launch_module.launch(short_job(sample_data, tmp_path, steps=2), default_run_dir=tmp_path)
     hint = "; resume from the last checkpoint with trainer.resume=auto"
