@@ -12,6 +12,8 @@ attribute when a release moves or renames one. Tested with the DeepSpeed that to
   first.
 - A save that must not raise on one rank alone (`checkpoint/training.py`): DeepSpeed's copy of
   its recovery scripts is replaced for the duration of the save.
+- A world whose gradient reduction has nothing to reduce (one data-parallel rank, ZeRO 0, no
+  pipeline): DeepSpeed's all-reduce after every backward is turned off.
 - A layout-free resume (`checkpoint/universal.py`): ZeRO 3's module parameters are refreshed from
   the fp32 partitions, and ZeRO 1/2's links to the Adam state are rebuilt after the state is
   created.
@@ -80,7 +82,31 @@ PRIVATE = (
     Private(FP16_UNFUSED, "fp32_groups", "instance attribute", "see fp16_groups"),
     Private(ENGINE, "checkpoint_engine", "instance attribute",
             "replaced during a save by one that records a failed write instead of raising"),
+    Private(ENGINE, "enable_backward_allreduce", "instance attribute",
+            "turned off where the gradient all-reduce is over one rank (skip_lone_reduction)"),
 )  # fmt: skip
+
+
+# ---- the gradient all-reduce ---------------------------------------------------------------
+
+
+def skip_lone_reduction(engine: Any) -> None:
+    """Turn off the gradient all-reduce DeepSpeed's engine runs after each backward at the
+    accumulation boundary. For an engine whose data-parallel group is one rank, without ZeRO and
+    without a pipeline only: there it flattens every gradient into buckets, all-reduces them
+    over the one rank, divides by 1 and copies them back, the gradients unchanged bit for bit
+    (2.6-3.0 ms of a 110 ms tiny step, 470 ms of a 6.8 s 125m one: tools/bench/step_profile.py).
+    ZeRO 1/2 need the call (it fills their partitions), and a pipeline reduces in its own
+    instruction."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    if isinstance(engine, PipelineEngine) or engine.zero_optimization_stage() != 0:
+        raise ValueError("only a ZeRO 0 engine without a pipeline reduces nothing it needs")
+    if engine.dp_world_size != 1:
+        raise ValueError(
+            f"the gradients of {engine.dp_world_size} data-parallel ranks must be reduced"
+        )
+    engine.enable_backward_allreduce = False
 
 
 # ---- dropping one step ----------------------------------------------------------------------

@@ -5,7 +5,9 @@ Choices that matter for correctness:
   weight decay on norms and biases;
 - `gradient_clipping` always set explicitly (DeepSpeed's default would silently clip at 1.0);
 - the LR schedule as a client `LambdaLR`, stepped by the engine at each optimizer step and saved
-  in its checkpoints.
+  in its checkpoints;
+- with one data-parallel rank, ZeRO 0 and no pipeline, no gradient all-reduce (over one rank it
+  changes nothing and costs ~2% of a small model's step).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from megalite.config import Config
+from megalite.parallel.deepspeed_compat import skip_lone_reduction
 from megalite.parallel.dims import DeepSpeedMPU, ParallelDims
 from megalite.parallel.schedule import build_scheduler
 
@@ -96,4 +99,6 @@ def build_engine(model: nn.Module, cfg: Config, dims: ParallelDims) -> tuple[Any
         mpu=None if dims.pp > 1 else DeepSpeedMPU(dims),
         dist_init_required=False,
     )
+    if dims.dp == 1 and dims.pp == 1 and cfg.parallel.effective_zero_stage == 0:
+        skip_lone_reduction(engine)  # an all-reduce over one rank: the gradients unchanged
     return engine, scheduler

@@ -42,6 +42,7 @@ from megalite.parallel.dims import ParallelDims
 from megalite.parallel.discard import discarded_update, judge_before_step
 from megalite.parallel.engine import megalite_clips
 from megalite.parallel.parallelize import LossFn, weighted_loss
+from megalite.rank import host
 from megalite.rank.signals import StopRequest, signal_name
 from megalite.train import metrics
 from megalite.train.anomaly import Anomaly, AnomalyPolicy
@@ -116,6 +117,7 @@ class Trainer:
         if self.pipeline:
             judge_before_step(self.engine, self.anomalies.judge)
         self.watch = watch  # trainer.sample_interval, trainer.eval_tasks (watch.py)
+        self._stop_signal: int | None = None  # agreed with this step's loss (_judged_loss)
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -165,7 +167,29 @@ class Trainer:
     def _dp_mean(self, value: torch.Tensor) -> float:
         value = value.detach().to(torch.float64)
         dist.all_reduce(value, group=self.dims.group("dp"))
-        return value.item() / self.dims.dp
+        return host.read(value)[0] / self.dims.dp
+
+    def _judged_loss(self, loss: torch.Tensor) -> float:
+        """The step's loss for the judge: its mean over DP, reduced over the whole world in one
+        all-reduce with every rank's stop flags (`StopRequest.flags`), read in the step's one host
+        sync. A DP replica's loss counts once (its TP rank 0's; the others add 0, exactly)."""
+        mine = loss.detach().to(torch.float64).reshape(1) * float(self.dims.tp_rank == 0)
+        parts = [mine] + ([self.stop.flags(self.device)] if self.stop is not None else [])
+        stats = torch.cat(parts)  # (1 + signals,)
+        dist.all_reduce(stats)
+        values = host.read(stats)
+        if self.stop is not None:
+            self._stop_signal = self.stop.agree(values[1:])
+        return values[0] / self.dims.dp
+
+    def _agreed_stop(self) -> int:
+        """The stop request every rank agrees on at this step boundary: read with the step's
+        loss where it was judged here, else (a pipeline) agreed by a collective of its own."""
+        assert self.stop is not None
+        if self._stop_signal is None:
+            return self.stop.agreed(self.device)
+        signum, self._stop_signal = self._stop_signal, None
+        return signum
 
     def _weigh(self, batches: list[torch.Tensor], *, shares: int) -> tuple[list[float], int]:
         """The loss weight of each of this rank's micro-batches (`loss_mask.loss_weights`) and the
@@ -177,7 +201,7 @@ class Trainer:
         counts = [loss_mask.trained_tokens(batch) for batch in batches]  # on the host: no sync
         total = torch.tensor(sum(counts), dtype=torch.int64, device=self.device)
         dist.all_reduce(total, group=self.dims.group("dp"))
-        trained = int(total.item())
+        trained = int(host.read(total)[0])
         return loss_mask.loss_weights(counts, total=trained, shares=shares * self.dims.dp), trained
 
     def _weight(self, weight: float) -> torch.Tensor:
@@ -207,11 +231,15 @@ class Trainer:
         self.step += 1
         self.consumed_tokens += self.tokens_per_step
         loss_value = self.anomalies.verdict()  # raises the step's Anomaly
-        norm = float(grad_norm) if grad_norm is not None else float("nan")
+        # The norm stays where it is (a tensor on the device, or DeepSpeed's float) until a log
+        # line reads it: no host sync on a step that does not log.
+        norm = grad_norm if grad_norm is not None else float("nan")
         record = {"loss": loss_value, "lr": lr, "grad_norm": norm}
         return record | ({"trained_tokens": float(trained)} if self.reads_data else {})
 
-    def _accumulate(self, batches: list[torch.Tensor], weights: list[float]) -> float | None:
+    def _accumulate(
+        self, batches: list[torch.Tensor], weights: list[float]
+    ) -> torch.Tensor | float | None:
         """Forward/backward over the micro-batches `batches` (b, s + 1) with their loss weights,
         the loss judged, and the optimizer step (no pipeline); returns the gradient norm."""
         accum = len(batches)
@@ -227,7 +255,7 @@ class Trainer:
             if micro < accum - 1:
                 self.engine.step()  # no update before the accumulation boundary
                 continue
-            if self.anomalies.judge(self._dp_mean(loss_sum / accum)):
+            if self.anomalies.judge(self._judged_loss(loss_sum / accum)):
                 with discarded_update(self.engine):
                     self.engine.step()
                 return None
@@ -236,12 +264,12 @@ class Trainer:
             self.engine.step()
         return grad_norm if grad_norm is not None else self.engine.get_global_grad_norm()
 
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> torch.Tensor:
         from deepspeed.runtime.utils import clip_grad_norm_
 
         params = [p for p in self.engine.module.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        return float(clip_grad_norm_(params, max_norm, mpu=self.engine.mpu))
+        return clip_grad_norm_(params, max_norm, mpu=self.engine.mpu)  # (1,), on the device
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -313,8 +341,8 @@ class Trainer:
 
     def _loop(self, last: int, watchdog: HangWatchdog) -> dict[str, Any]:
         t = self.cfg.trainer
-        window: list[dict[str, float]] = []
-        window_start = time.perf_counter()
+        window: list[dict[str, Any]] = []
+        window_start, reads_at_start = time.perf_counter(), host.reads
         while self.step < last:
             watchdog.arm()
             self._skip_bad_batch()
@@ -328,15 +356,15 @@ class Trainer:
                     continue
                 window.append({"skipped": 1.0})
             if t.log_interval and (self.step % t.log_interval == 0 or self.step == last):
-                self._log_train(window, time.perf_counter() - window_start)
-                window, window_start = [], time.perf_counter()
+                self._log_train(window, time.perf_counter() - window_start, reads_at_start)
+                window, window_start, reads_at_start = [], time.perf_counter(), host.reads
             if t.eval_interval and self.step % t.eval_interval == 0 and self.step < last:
                 self._log_eval(self.evaluate())
             if t.sample_interval and self.step % t.sample_interval == 0 and self.step < last:
                 self._sample()
             if t.save_interval and self.step % t.save_interval == 0:
                 self.save()
-            if self.stop is not None and (signum := self.stop.agreed(self.device)):
+            if self.stop is not None and (signum := self._agreed_stop()):
                 return self._stop_on(signum)
         val_loss = self.evaluate()
         self._log_eval(val_loss)
@@ -399,11 +427,12 @@ class Trainer:
             self._save_unless_saved()
         return {"stopped_by": signal_name(signum), "step": self.step}
 
-    def _log_train(self, window: list[dict[str, float]], seconds: float) -> None:
+    def _log_train(self, window: list[dict[str, Any]], seconds: float, reads_at_start: int) -> None:
         """One line for the steps since the last; skipped steps (trainer.anomaly=skip) count in
         the throughput, not in the mean loss. `trained_tokens`: the targets the applied steps
         trained on (all their tokens for pretraining data; fewer for SFT data, then named in
-        the line too)."""
+        the line too). `host_syncs` (metrics.jsonl): the host's reads of device values since
+        the last line, this line's own included (`rank/host.py`)."""
         tokens_per_s = len(window) * self.tokens_per_step / max(seconds, 1e-9)
         applied = [w for w in window if "skipped" not in w]
         last = applied[-1] if applied else {}
@@ -412,7 +441,7 @@ class Trainer:
             "max_steps": self.cfg.trainer.max_steps,
             "loss": sum(w["loss"] for w in applied) / len(applied) if applied else math.nan,
             "lr": last.get("lr", self.scheduler.get_last_lr()[0]),
-            "grad_norm": last.get("grad_norm", math.nan),
+            "grad_norm": host.read_float(last.get("grad_norm", math.nan)),
             "tokens_per_s": tokens_per_s,
             "mfu": metrics.mfu(
                 tokens_per_s=tokens_per_s,
@@ -426,6 +455,7 @@ class Trainer:
         }
         if len(applied) < len(window):
             record["skipped"] = len(window) - len(applied)
+        record["host_syncs"] = host.reads - reads_at_start
         line = format_line(record)
         counted = [w["trained_tokens"] for w in applied if "trained_tokens" in w]
         if counted:  # this rank read the data (not a middle pipeline stage)

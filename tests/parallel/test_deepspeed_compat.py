@@ -63,3 +63,69 @@ def test_only_the_compat_module_takes_deepspeed_privates() -> None:
         if re.search(rf"\.{re.escape(name)}\b", path.read_text())
     ]
     assert offenders == []
+
+
+def _counted(fn, calls: list[int]):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted
+
+
+def _lone_engines(rank: int, world: int, out: str) -> None:
+    """Two engines of one world-of-one run, one as built (no gradient all-reduce) and one with
+    DeepSpeed's all-reduce put back: their updates must be the same, bit for bit."""
+    import torch
+
+    from megalite.parallel.build import build_model
+    from megalite.parallel.engine import build_engine
+    from tests.distributed import deepspeed_dp_rank
+    from tests.helpers import compose_config
+
+    dims = deepspeed_dp_rank(rank, world)
+    cfg = compose_config(["model=tiny", "trainer.seq_len=8", "trainer.micro_batch_size=1",
+                          "trainer.global_batch_size=2", "optim.warmup_steps=0",
+                          "logging.wandb.mode=disabled"])  # fmt: skip
+    results = {}
+    for reduce in (False, True):
+        torch.manual_seed(0)
+        model, loss_fn = build_model(cfg, dims, torch.device("cpu"))
+        engine, _ = build_engine(model, cfg, dims)
+        results[f"{reduce}_built_with_reduction"] = engine.enable_backward_allreduce
+        engine.enable_backward_allreduce = reduce
+        calls: list[int] = []
+        engine.allreduce_gradients = _counted(engine.allreduce_gradients, calls)
+        data = torch.Generator().manual_seed(1)
+        for _ in range(2 * engine.gradient_accumulation_steps()):  # two optimizer steps
+            x = torch.randint(0, cfg.model.vocab_size, (1, 9), generator=data)
+            engine.backward(loss_fn(engine(x[:, :-1]), x[:, 1:]))
+            engine.step()
+        results[reduce] = ([p.detach().clone() for p in engine.module.parameters()], len(calls))
+    torch.save(results, f"{out}/results.pt")
+
+
+def test_a_world_of_one_skips_the_gradient_all_reduce_and_trains_the_same(tmp_path) -> None:
+    import torch
+
+    from tests.distributed import run_world
+
+    run_world(_lone_engines, 1, str(tmp_path))
+    results = torch.load(tmp_path / "results.pt")
+    assert results["False_built_with_reduction"] is False  # build_engine turned it off
+    (skipped, no_calls), (reduced, calls) = results[False], results[True]
+    assert (no_calls, calls) == (0, 4)  # DeepSpeed's: once per backward
+    assert all(torch.equal(a, b) for a, b in zip(skipped, reduced, strict=True))
+
+
+def test_only_a_lone_zero0_engine_may_skip_it() -> None:
+    from types import SimpleNamespace
+
+    from megalite.parallel.deepspeed_compat import skip_lone_reduction
+
+    two = SimpleNamespace(zero_optimization_stage=lambda: 0, dp_world_size=2)
+    with pytest.raises(ValueError, match="gradients of 2 data-parallel ranks must be reduced"):
+        skip_lone_reduction(two)
+    zero1 = SimpleNamespace(zero_optimization_stage=lambda: 1, dp_world_size=1)
+    with pytest.raises(ValueError, match="only a ZeRO 0 engine"):
+        skip_lone_reduction(zero1)

@@ -18,7 +18,7 @@ from megalite.launch import launch
 from megalite.model.llama import Llama, cross_entropy
 from megalite.parallel.engine import build_optimizer
 from megalite.parallel.schedule import build_scheduler
-from tests.helpers import reference_step, short_job, train_losses
+from tests.helpers import read_metrics, reference_step, short_job, train_losses
 
 STEPS = 10
 
@@ -83,6 +83,9 @@ def test_zero_matches_single_process(stage: int, sample_data: Path, tmp_path: Pa
     assert sorted(got) == list(range(1, STEPS + 1))
     assert_losses_close(got, want, rtol=1e-5)
     assert want[-1] < want[0]  # it trains
+    # The host read device values twice per logged step (every step logs here): the judged loss
+    # (with the stop flags, one all-reduce) and the line's grad norm (rank/host.py).
+    assert {r["host_syncs"] for r in read_metrics(tmp_path / "run") if "loss" in r} == {2}
 
 
 def test_bf16_tracks_fp32_reference(sample_data: Path, tmp_path: Path) -> None:

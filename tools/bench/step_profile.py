@@ -36,6 +36,7 @@ from throughput_cpu import run_alone, single_process_trainer  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import megalite.train.trainer as trainer_module
+from megalite.rank import host
 from megalite.train.trainer import Trainer
 from megalite.train.watchdog import HangWatchdog
 
@@ -48,7 +49,7 @@ PIECES = [
     ("zero grad", "gradients cleared (engine/optimizer zero_grad)"),
     ("grad norm + clip", "Trainer._clip_gradients, get_global_grad_norm"),
     ("DS grad all-reduce", "engine.allreduce_gradients"),
-    ("loss all-reduce", "Trainer._dp_mean (all-reduce + .item())"),
+    ("loss all-reduce", "Trainer._judged_loss (all-reduce with the stop flags + host read)"),
     ("loss weights", "Trainer._weigh"),
     ("anomaly judge", "begin_step, judge, verdict"),
     ("data", "next batch, stream position"),
@@ -114,7 +115,7 @@ def instrument(trainer: Trainer, clock: Clock) -> None:
     if hasattr(engine, "clip_fp32_gradients"):
         clock.patch(engine, "clip_fp32_gradients", "grad norm + clip")
     clock.patch(engine, "allreduce_gradients", "DS grad all-reduce")
-    clock.patch(trainer, "_dp_mean", "loss all-reduce")
+    clock.patch(trainer, "_judged_loss", "loss all-reduce")
     clock.patch(trainer, "_weigh", "loss weights")
     for name in ("begin_step", "judge", "verdict", "condemned_at"):
         clock.patch(trainer.anomalies, name, "anomaly judge")
@@ -140,8 +141,8 @@ def instrument(trainer: Trainer, clock: Clock) -> None:
 def run_steps(trainer: Trainer, watchdog: HangWatchdog, steps: int) -> None:
     """The fit loop's per-step body (`Trainer._loop`), without eval, samples or saves."""
     log_interval = trainer.cfg.trainer.log_interval
-    window: list[dict[str, float]] = []
-    window_start = time.perf_counter()
+    window: list[dict[str, Any]] = []
+    window_start, reads = time.perf_counter(), host.reads
     arm = watchdog.arm
     for _ in range(steps):
         arm()
@@ -149,8 +150,8 @@ def run_steps(trainer: Trainer, watchdog: HangWatchdog, steps: int) -> None:
         window.append(trainer.train_step())
         trainer._check_memory()
         if log_interval and trainer.step % log_interval == 0:
-            trainer._log_train(window, time.perf_counter() - window_start)
-            window, window_start = [], time.perf_counter()
+            trainer._log_train(window, time.perf_counter() - window_start, reads)
+            window, window_start, reads = [], time.perf_counter(), host.reads
 
 
 def main() -> None:
