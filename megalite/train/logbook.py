@@ -77,9 +77,7 @@ class Logbook:
             return
         self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:  # the package's presence is checked by validate_logging, before any rank
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=10)
+            self._tensorboard = self._tensorboard_writer(purge_step=None)
         if wandb_mode != "disabled":
             import wandb
 
@@ -95,6 +93,21 @@ class Logbook:
                 settings=wandb.Settings(silent=True, console="off"),
             )
             log.info("wandb %s run in %s", wandb_mode, self._wandb.dir)
+
+    def _tensorboard_writer(self, *, purge_step: int | None) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder = str(self.run_dir / "tensorboard")
+        return SummaryWriter(log_dir=folder, flush_secs=10, purge_step=purge_step)
+
+    def rewind(self, step: int) -> None:
+        """Training goes on from `step` (a resume, a rollback): TensorBoard drops the events
+        written after it by the attempt that went further, so each curve has one line.
+        metrics.jsonl keeps every record (the last one of a step wins: train/curves.py); wandb
+        ignores steps below its last one."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = self._tensorboard_writer(purge_step=step + 1)
 
     @property
     def wandb_run_id(self) -> str | None:

@@ -147,6 +147,7 @@ class Trainer:
             self.train_data.load_state_dict(state["data"])
         self.anomalies.load_state_dict(state.get("anomaly") or {})
         self._batches = iter(self.train_data)
+        self.logbook.rewind(self.step)
         log.info(
             "resumed from %s at step %d (%d tokens seen)",
             self.checkpoints.last,

@@ -192,3 +192,23 @@ def test_tensorboard_without_the_package_fails_in_one_line(
     with pytest.raises(ConfigError, match=r"^logging.tensorboard=true needs the tensorboard"):
         validate_logging(LoggingConfig(tensorboard=True))
     validate_logging(LoggingConfig())  # off: never looked for
+
+
+def test_tensorboard_after_a_rewind_has_one_line(tmp_path: Path) -> None:
+    """A rollback (or resume) to step 2 after steps 1-4 were written: TensorBoard keeps the
+    first attempt's steps 1-2 and the second's 3-4, not both attempts' 3 and 4."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    book = Logbook(tmp_path, enabled=True, wandb_mode="disabled", tensorboard=True)
+    for step in range(1, 5):
+        book.write(train_record(step, 4.0 - step / 10))
+    book.rewind(2)
+    for step in (3, 4):
+        book.write(train_record(step, 9.0 + step))
+    book.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [
+        (1, pytest.approx(3.9)), (2, pytest.approx(3.8)), (3, 12.0), (4, 13.0)
+    ]  # fmt: skip
