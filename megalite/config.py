@@ -353,13 +353,7 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> Non
     ):
         _require(getattr(t, key) >= 0, f"trainer.{key} must be >= 0 (0 disables it)")
     if t.sample_interval:
-        _validate_samples(t, p, m)
-    _require(
-        not t.eval_tasks or (p.pp == 1 and p.effective_zero_stage < 3 and not p.sequence_parallel),
-        "trainer.eval_tasks are scored by DP group 0's model: not yet with pipeline or sequence "
-        f"parallelism or ZeRO-3 (parallel.pp={p.pp}, zero_stage={p.zero_stage}, "
-        f"sequence_parallel={p.sequence_parallel})",
-    )
+        _validate_samples(t, m)
     _require(
         t.eval_limit is None or t.eval_limit > 0,
         f"trainer.eval_limit={t.eval_limit} must be positive (null: every example)",
@@ -415,7 +409,7 @@ def validate_trainer(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> Non
     )
 
 
-def _validate_samples(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> None:
+def _validate_samples(t: TrainerConfig, m: ModelConfig) -> None:
     _require(
         bool(t.sample_prompts),
         f"trainer.sample_interval={t.sample_interval} continues trainer.sample_prompts, which is "
@@ -425,11 +419,6 @@ def _validate_samples(t: TrainerConfig, p: ParallelConfig, m: ModelConfig) -> No
         0 < t.sample_tokens < m.max_seq_len,
         f"trainer.sample_tokens={t.sample_tokens} must be in [1, model.max_seq_len="
         f"{m.max_seq_len})",
-    )
-    _require(
-        p.pp == 1 and p.effective_zero_stage < 3 and not p.sequence_parallel,
-        "trainer.sample_interval > 0: samples are not yet generated with ZeRO-3, pipeline "
-        "parallelism or sequence parallelism: set trainer.sample_interval=0",
     )
 
 

@@ -17,17 +17,20 @@ others of its batch go on. `use_cache=False` recomputes every step from the whol
 sequence at a time through the training forward (no cache, no padding): the reference the tests
 compare the cached path with.
 
-`logits_fn` maps each step's logits before the choice: a tensor-parallel model's forward gives
-this rank's vocabulary shard, which the trainer's samples (`train/watch.py`) gather over TP
-into the full (b, vocab) there, so that every TP rank takes the same token.
+`logits_fn` maps each step's logits before the choice (a tensor-parallel model's forward gives
+this rank's vocabulary shard, which a caller may gather over TP into the full (b, vocab) there).
+The model may be any `Decoder`: a plain `Llama`, or a model spread over ranks as one
+(`infer.spread.SpreadDecoder`, the trainer's samples), which also makes the caches (`new_cache`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
+from megalite.config import ModelConfig
 from megalite.model.llama import KVCache, Llama
 
 
@@ -35,12 +38,36 @@ class GenerateError(ValueError):
     """A request the model cannot serve (an empty prompt, one longer than its context)."""
 
 
+class Decoder(Protocol):
+    """What `generate` and `MegaliteLM` run: tokens (b, s), optionally continuing a cache, to
+    logits (b, s, *); a plain `Llama`, or `infer.spread.SpreadDecoder`."""
+
+    @property
+    def cfg(self) -> ModelConfig: ...
+
+    def __call__(self, tokens: torch.Tensor, *, cache: KVCache | None = None) -> torch.Tensor: ...
+
+
+def decoder_device(model: Decoder) -> torch.device:
+    """Where the decoder takes its tokens."""
+    if isinstance(model, Llama):
+        return model.embed.weight.device
+    device: torch.device = getattr(model, "device")  # noqa: B009  # SpreadDecoder's
+    return device
+
+
+def new_cache(model: Decoder, *, max_len: int, pad: torch.Tensor | None) -> KVCache:
+    """A cache for `max_len` positions, made by the decoder where it makes its own."""
+    make = getattr(model, "new_cache", None)
+    return KVCache(max_len=max_len, pad=pad) if make is None else make(max_len=max_len, pad=pad)
+
+
 OnToken = Callable[[int, int], None]  # (prompt index, new token id), as each token is chosen
 
 
 @torch.no_grad()
 def generate(
-    model: Llama,
+    model: Decoder,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
@@ -58,7 +85,7 @@ def generate(
     last position to the (b, vocab) ones chosen from."""
     check_request(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                   top_k=top_k, top_p=top_p)  # fmt: skip
-    device = model.embed.weight.device
+    device = decoder_device(model)
     generators = [torch.Generator(device).manual_seed(seed + i) for i in range(len(prompts))]
     choose = _Chooser(temperature=temperature, top_k=top_k, top_p=top_p, generators=generators)
     if use_cache:
@@ -88,7 +115,7 @@ def generate(
 
 
 def check_request(
-    model: Llama,
+    model: Decoder,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
@@ -128,14 +155,14 @@ Step = Callable[[torch.Tensor | None], torch.Tensor]  # last chosen (b,) or None
 
 
 def _cached_steps(
-    model: Llama, prompts: list[list[int]], max_new_tokens: int, device: torch.device
+    model: Decoder, prompts: list[list[int]], max_new_tokens: int, device: torch.device
 ) -> Step:
     """The prompts left-padded into one batch run once, then one new token a step."""
     longest = max(len(p) for p in prompts)
     pad = [longest - len(p) for p in prompts]
     tokens = torch.tensor([[0] * n + p for n, p in zip(pad, prompts, strict=True)], device=device)
     pads = torch.tensor(pad, device=device) if any(pad) else None
-    cache = KVCache(max_len=longest + max_new_tokens, pad=pads)
+    cache = new_cache(model, max_len=longest + max_new_tokens, pad=pads)
 
     def step(last: torch.Tensor | None) -> torch.Tensor:
         chunk = tokens if last is None else last[:, None]  # (b, s)
@@ -144,7 +171,7 @@ def _cached_steps(
     return step
 
 
-def _full_steps(model: Llama, prompts: list[list[int]], device: torch.device) -> Step:
+def _full_steps(model: Decoder, prompts: list[list[int]], device: torch.device) -> Step:
     """Every step the whole of each sequence so far through the plain forward, one at a time."""
     seqs = [torch.tensor(p, device=device) for p in prompts]
 

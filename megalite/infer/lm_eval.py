@@ -22,10 +22,12 @@ every token predicted once, each window a full max_length where the text has tha
 the end-of-sequence token and at any stop string that is one token, and cuts the text at the
 first stop string afterwards.
 
-From code, `logits_fn` maps the model's logits before they are scored or chosen from: a
-tensor-parallel model's forward gives this rank's vocabulary shard (b, s, padded / tp), which the
-trainer's task scores (`train/watch.py`) gather over TP into the full (b, s, vocab), every TP rank
-serving the same requests in lockstep.
+From code, `decoder=` (with `tokenizer=`) runs the scores and generations through another
+`generate.Decoder` than a loaded model: the trainer's task scores (`train/watch.py`) give the
+model it trains, spread over ranks as one (`infer.spread.SpreadDecoder`), every rank that holds
+it serving the same requests in lockstep. `logits_fn` maps the model's logits before they are
+scored or chosen from (e.g. a tensor-parallel forward's vocabulary shard (b, s, padded / tp)
+gathered into the full (b, s, vocab)).
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ from lm_eval.models.utils import (  # type: ignore[import-untyped]
 )
 from tqdm import tqdm
 
-from megalite.infer.generate import generate
+from megalite.infer.generate import Decoder, decoder_device, generate
 from megalite.infer.load import Loaded, Tokenizer, load_model
+from megalite.model.llama import Llama
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +73,9 @@ class EvalError(ValueError):
 @register_model("megalite")
 class MegaliteLM(TemplateLM):
     """A megalite model behind lm-eval's `LM` interface (see the module docstring); from code,
-    `loaded=` takes a model `load_model` already gave instead of `checkpoint`, and `logits_fn`
-    maps its (b, s, *) logits to the (b, s, vocab) ones used (default: as they are)."""
+    `loaded=` takes a model `load_model` already gave instead of `checkpoint`, or `decoder=`
+    and `tokenizer=` a decoder and its tokenizer; `logits_fn` maps its (b, s, *) logits to the
+    (b, s, vocab) ones used (default: as they are)."""
 
     backend = "causal"
 
@@ -87,6 +91,8 @@ class MegaliteLM(TemplateLM):
         prefix_token_id: int | None = None,
         max_batch_size: int | None = None,  # lm-eval passes it for batch_size=auto: unused
         loaded: Loaded | None = None,
+        decoder: Decoder | None = None,
+        tokenizer: Tokenizer | None = None,
         logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         **unknown: Any,
     ) -> None:
@@ -95,18 +101,24 @@ class MegaliteLM(TemplateLM):
             raise EvalError(f"unknown model_args {', '.join(unknown)} (known: {KNOWN_ARGS})")
         if dtype not in DTYPES:
             raise EvalError(f"dtype={dtype}: one of {', '.join(DTYPES)}")
-        if loaded is None:
-            if checkpoint is None:
-                raise EvalError("model_args needs checkpoint=PATH")
-            loaded = load_model(checkpoint, device=_available(device), dtype=DTYPES[dtype])
-        if loaded.tokenizer is None:
-            raise EvalError(f"{loaded.source}: loaded without a tokenizer")
-        self.loaded, self.model, self.tok = loaded, loaded.model, loaded.tokenizer
-        self._device = loaded.model.embed.weight.device
+        if decoder is None:
+            if loaded is None:
+                if checkpoint is None:
+                    raise EvalError("model_args needs checkpoint=PATH")
+                loaded = load_model(checkpoint, device=_available(device), dtype=DTYPES[dtype])
+            decoder, tokenizer, self.source = loaded.model, loaded.tokenizer, str(loaded.source)
+        else:
+            self.source = "" if tokenizer is None else str(tokenizer.source)
+        if tokenizer is None:
+            raise EvalError(f"{self.source}: loaded without a tokenizer")
+        self.model: Decoder = decoder
+        self.tok = tokenizer
+        self._device = decoder_device(decoder)
         self.batch_size = _batch_size(batch_size)
-        if max_length is not None and not 2 <= int(max_length) <= loaded.max_seq_len:
-            raise EvalError(f"max_length={max_length}: from 2 to the model's {loaded.max_seq_len}")
-        self.max_length = int(max_length or loaded.max_seq_len)
+        context = decoder.cfg.max_seq_len
+        if max_length is not None and not 2 <= int(max_length) <= context:
+            raise EvalError(f"max_length={max_length}: from 2 to the model's {context}")
+        self.max_length = int(max_length or context)
         self.max_gen_toks = int(max_gen_toks)
         self._prefix = prefix_token_id
         self._logits_fn = logits_fn
@@ -136,10 +148,15 @@ class MegaliteLM(TemplateLM):
         return self.tok.encode(string)  # megalite's tokenizers add no special tokens
 
     def get_model_info(self) -> dict[str, Any]:
+        model = self.model
+        if isinstance(model, Llama):
+            params, dtype = sum(p.numel() for p in model.parameters()), model.embed.weight.dtype
+        else:  # a SpreadDecoder: the full model's count, not this rank's shards
+            params, dtype = getattr(model, "num_parameters"), getattr(model, "dtype")  # noqa: B009
         return {
-            "checkpoint": str(self.loaded.source),
-            "model_num_parameters": sum(p.numel() for p in self.model.parameters()),
-            "model_dtype": str(self.model.embed.weight.dtype),
+            "checkpoint": self.source,
+            "model_num_parameters": params,
+            "model_dtype": str(dtype),
             "max_length": self.max_length,
         }
 

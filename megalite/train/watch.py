@@ -1,20 +1,23 @@
 """What the model can do, watched during training: text samples and lm-eval task scores.
 
-Samples (`trainer.sample_interval`, pp=1 without ZeRO-3): every N steps and at the end, DP rank 0's
-model group continues each of `trainer.sample_prompts` greedily (`infer.generate` on
-`engine.module`, eval mode, the run's data tokenizer); with tp > 1 all its TP ranks decode
-together, the vocabulary shards of each step's logits gathered so that every rank takes the same
-token. The other DP ranks, whose weights are the same, go on to the next step. Global rank 0 logs
-the lines and writes them down (`Logbook.write_samples`).
+Both run the model the engine trains, in any layout, as one decoder of the full model
+(`infer.spread.SpreadDecoder`: vocabulary shards gathered over TP, sequence-parallel chunks
+padded, the pipeline's stages run in order with the hidden states sent from stage to stage, the
+last stage's logits broadcast), in eval mode, with the run's data tokenizer. Who runs it: DP
+group 0's ranks (its TP ranks and pipeline stages), the other DP ranks, whose weights are the
+same, going on to the next step and waiting at its first collective; under ZeRO-3, whose
+parameters are partitioned over DP, every rank, in lockstep. Every rank that runs it takes the
+same requests in the same order and the same tokens, so their collectives match.
 
-Tasks (`trainer.eval_tasks`, pp=1, no ZeRO-3 or sequence parallelism): at every evaluation DP
-rank 0's model group scores them with lm-eval (`infer.lm_eval.MegaliteLM` around
-`engine.module`, the data tokenizer). With tp > 1 each of its TP ranks runs the same
-`simple_evaluate` in lockstep: the requests, their order and batches are deterministic, hence the
-same on every TP rank, and each forward's vocabulary shards are gathered (the whole sequence's),
-so that every rank scores and generates the same. Global rank 0 puts each metric (`task/metric`)
-in the val_loss record; the other DP ranks wait at the next collective. The global RNGs are left
-as they are (no lm-eval seeding but the few-shot sampler's).
+Samples (`trainer.sample_interval`): every N steps and at the end, each of
+`trainer.sample_prompts` is continued greedily (`infer.generate`, with the KV cache); global rank
+0 logs the lines and writes them down (`Logbook.write_samples`).
+
+Tasks (`trainer.eval_tasks`): at every evaluation they are scored with lm-eval
+(`infer.lm_eval.MegaliteLM` around the decoder): each rank that runs the model runs the same
+`simple_evaluate`, whose requests, their order and batches are deterministic. Global rank 0 puts
+each metric (`task/metric`) in the val_loss record. The global RNGs are left as they are (no
+lm-eval seeding but the few-shot sampler's).
 """
 
 from __future__ import annotations
@@ -22,27 +25,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 from megalite.config import Config
 from megalite.infer.generate import check_request, generate
-from megalite.infer.load import Loaded, Tokenizer
+from megalite.infer.load import Tokenizer
+from megalite.infer.spread import SpreadDecoder
+from megalite.infer.spread import full_vocab as full_vocab  # re-exported: the trainer's gather
 from megalite.parallel.dims import ParallelDims
 from megalite.train.logbook import Logbook
 
 log = logging.getLogger("megalite")
-
-
-def full_vocab(
-    logits: torch.Tensor, tp_group: dist.ProcessGroup, *, vocab_size: int
-) -> torch.Tensor:
-    """This TP rank's shard of the padded vocabulary's logits (..., padded / tp), gathered over
-    `tp_group` into the full (..., vocab_size), padding cut: the same on every TP rank. Any
-    leading shape: (b,) for a decoding step, (b, s) for a scored sequence. Collective."""
-    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(tp_group))]
-    dist.all_gather(parts, logits.contiguous(), group=tp_group)
-    return torch.cat(parts, dim=-1)[..., :vocab_size]  # (..., vocab_size)
 
 
 def task_index(tasks: list[str], include_path: list[str]) -> Any:
@@ -71,38 +62,36 @@ class QualityWatch:
         logbook: Logbook,
     ) -> None:
         self.cfg, self.engine, self.dims, self.logbook = cfg, engine, dims, logbook
-        t = cfg.trainer
+        t, p = cfg.trainer, cfg.parallel
         self.tokenizer = tokenizer
+        zero3 = p.effective_zero_stage == 3
+        self.decoder = SpreadDecoder(
+            engine.module, dims, cfg=cfg.model, sequence_parallel=p.sequence_parallel, zero3=zero3
+        )
+        self.runs = zero3 or dims.dp_rank == 0  # this rank decodes (module docstring)
         self._sample_ids: list[list[int]] = []
         if t.sample_interval:
             self._sample_ids = [tokenizer.encode(p) for p in t.sample_prompts]
             # A prompt that does not fit fails here, not at the first sample.
-            check_request(engine.module, self._sample_ids, max_new_tokens=t.sample_tokens)
-        self._tasks: Any = None  # lm-eval's task index (trainer.eval_tasks), on DP rank 0
-        if t.eval_tasks and dims.dp_rank == 0:
+            check_request(self.decoder, self._sample_ids, max_new_tokens=t.sample_tokens)
+        self._tasks: Any = None  # lm-eval's task index (trainer.eval_tasks), where it runs
+        if t.eval_tasks and self.runs:
             self._tasks = task_index(t.eval_tasks, t.eval_include_path)
 
     def sample(self, step: int) -> list[str]:
         """The greedy continuation of each of trainer.sample_prompts by the model as it is now
-        (see the module docstring), logged and written down by global rank 0; [] on a DP rank
-        other than 0. Collective over TP."""
+        (see the module docstring), logged and written down by global rank 0; [] where the model
+        does not run. Collective over the ranks that run it."""
         t = self.cfg.trainer
-        if self.dims.dp_rank != 0:
+        if not self.runs:
             return []
-        model = self.engine.module
         eos = self.tokenizer.eos_id
-        model.eval()
+        self.decoder.eval()
         try:
-            new = generate(
-                model,
-                self._sample_ids,
-                max_new_tokens=t.sample_tokens,
-                stop_ids=() if eos is None else (eos,),
-                use_cache=model.document_eod is None,  # the cache takes no document mask
-                logits_fn=self._full_vocab if self.dims.tp > 1 else None,
-            )
+            new = generate(self.decoder, self._sample_ids, max_new_tokens=t.sample_tokens,
+                           stop_ids=() if eos is None else (eos,))  # fmt: skip
         finally:
-            model.train()
+            self.decoder.train()
         texts = [self.tokenizer.decode(ids) for ids in new]
         if self.logbook.enabled:
             for prompt, text in zip(t.sample_prompts, texts, strict=True):
@@ -111,12 +100,10 @@ class QualityWatch:
             self.logbook.write_samples(step, list(zip(t.sample_prompts, texts, strict=True)))
         return texts
 
-    def _full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        return full_vocab(logits, self.dims.group("tp"), vocab_size=self.cfg.model.vocab_size)
-
     def score_tasks(self) -> dict[str, float]:
         """trainer.eval_tasks scored by lm-eval on the model as it is, `task/metric` -> value, on
-        global rank 0 ({} elsewhere; see the module docstring). Collective over TP."""
+        global rank 0 ({} elsewhere; see the module docstring). Collective over the ranks that
+        run the model."""
         t = self.cfg.trainer
         if self._tasks is None:
             return {}
@@ -125,20 +112,18 @@ class QualityWatch:
         from megalite.infer.evaluate_cli import metric_rows
         from megalite.infer.lm_eval import MegaliteLM
 
-        model = self.engine.module
-        loaded = Loaded(model=model, tokenizer=self.tokenizer, source=self.tokenizer.source)
-        logits_fn = self._full_vocab if self.dims.tp > 1 else None
-        model.eval()
+        lm = MegaliteLM(decoder=self.decoder, tokenizer=self.tokenizer)
+        self.decoder.eval()
         try:
             results = lm_eval.simple_evaluate(
-                model=MegaliteLM(loaded=loaded, logits_fn=logits_fn), tasks=list(t.eval_tasks),
+                model=lm, tasks=list(t.eval_tasks),
                 limit=t.eval_limit,
                 task_manager=self._tasks, bootstrap_iters=0, log_samples=False,
                 random_seed=None, numpy_random_seed=None, torch_random_seed=None,
                 fewshot_random_seed=0,
             )  # fmt: skip
         finally:
-            model.train()
-        if not self.logbook.enabled:  # another TP rank (lm-eval returns None where LOCAL_RANK
+            self.decoder.train()
+        if not self.logbook.enabled:  # another rank (lm-eval returns None where LOCAL_RANK
             return {}  # is not 0): global rank 0 reports
         return {f"{task}/{metric}": value for task, metric, value, _ in metric_rows(results)}

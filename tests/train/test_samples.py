@@ -1,7 +1,8 @@
 """Samples during training (`trainer.sample_interval`): a dp=1 x tp=2 run logs the greedy
 continuations of its prompts every N steps and at the end, in the rank-0 log, samples.jsonl and
 its wandb run, equal to a single process's `generate` on the final checkpoint; the KV cache
-decodes a TP-sharded model as the plain one; what cannot sample yet is refused in one line.
+decodes a TP-sharded model, and a sequence-parallel one spread as one decoder, as the plain one;
+bad settings are refused in one line (the other layouts: test_samples_layouts.py).
 Task scores (`trainer.eval_tasks`) of a tp=1 and a tp=2 run equal lm-eval's offline score of the
 final checkpoint."""
 
@@ -79,6 +80,45 @@ def _tp_decoding(rank: int, world: int, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
 
 
+def _sp_decoding(rank: int, world: int, out: str) -> None:
+    from megalite.config import ModelConfig
+    from megalite.infer.spread import SpreadDecoder
+    from megalite.model.llama import Llama
+    from megalite.parallel.dims import ParallelDims
+    from megalite.parallel.parallelize import apply_tp
+
+    torch.set_num_threads(1)
+    cfg = ModelConfig(name="t", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96,
+                      vocab_size=301, max_seq_len=24)  # fmt: skip
+    plain = Llama(cfg, seed=3).eval()
+    dims = ParallelDims(tp=world, pp=1, dp=1, global_rank=rank)
+    dims.build_groups()
+    sharded = copy.deepcopy(plain)
+    apply_tp(sharded, dims, sequence_parallel=True)
+    spread = SpreadDecoder(sharded, dims, cfg=cfg, sequence_parallel=True, zero3=False)
+    prompts = [[5, 17, 2], [9, 1, 44, 300, 12, 7, 8], [250]]  # odd lengths: padded chunks
+    tokens = torch.tensor([[9, 1, 44, 300, 12, 7, 8]])
+    results = {
+        "plain": generate(plain, prompts, max_new_tokens=10),
+        "sp_cache": generate(spread, prompts, max_new_tokens=10),
+        "sp_full": generate(spread, prompts, max_new_tokens=10, use_cache=False),
+        "plain_long": generate(plain, [list(range(1, 14))], max_new_tokens=11),  # to the end
+        "sp_long": generate(spread, [list(range(1, 14))], max_new_tokens=11),
+        "logits": bool(torch.allclose(spread(tokens), plain(tokens), atol=1e-5)),
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_a_sequence_parallel_model_decodes_as_the_plain_one(tmp_path: Path) -> None:
+    run_world(_sp_decoding, 2, str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # every TP rank took the same tokens
+    r = ranks[0]
+    assert r["logits"]
+    assert r["sp_cache"] == r["plain"] == r["sp_full"]
+    assert r["sp_long"] == r["plain_long"]
+
+
 def test_the_kv_cache_decodes_a_tp_sharded_model(tmp_path: Path) -> None:
     run_world(_tp_decoding, 2, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -86,21 +126,9 @@ def test_the_kv_cache_decodes_a_tp_sharded_model(tmp_path: Path) -> None:
     assert ranks[0]["tp_cache"] == ranks[0]["plain"] == ranks[0]["tp_full"]
 
 
-REFUSED = (
-    "trainer.sample_interval > 0: samples are not yet generated with ZeRO-3, pipeline "
-    "parallelism or sequence parallelism: set trainer.sample_interval=0"
-)
-
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["parallel.pp=2", *SAMPLING], REFUSED),
-        (
-            ["parallel.dp=2", "parallel.zero_stage=3", "trainer.global_batch_size=16", *SAMPLING],
-            REFUSED,
-        ),
-        (["parallel.tp=2", "parallel.sequence_parallel=true", *SAMPLING], REFUSED),
         (
             ["trainer.sample_interval=2"],
             "trainer.sample_interval=2 continues trainer.sample_prompts, which is empty: set "
@@ -157,29 +185,12 @@ def test_eval_tasks_are_scored_next_to_val_loss(sample_data: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    ("overrides", "settings"),
+    "layout",
     [
-        (["parallel.pp=2"], "parallel.pp=2, zero_stage=1, sequence_parallel=False"),
-        (
-            ["parallel.dp=2", "parallel.zero_stage=3", "trainer.global_batch_size=16"],
-            "parallel.pp=1, zero_stage=3, sequence_parallel=False",
-        ),
-        (
-            ["parallel.tp=2", "parallel.sequence_parallel=true"],
-            "parallel.pp=1, zero_stage=1, sequence_parallel=True",
-        ),
+        ["parallel.pp=2"],
+        ["parallel.dp=2", "parallel.zero_stage=3", "trainer.global_batch_size=16"],
+        ["parallel.tp=2", "parallel.sequence_parallel=true"],
     ],
 )
-def test_eval_tasks_are_refused_where_they_cannot_be_scored_yet(
-    overrides: list[str], settings: str
-) -> None:
-    with pytest.raises(ConfigError) as e:
-        validate(compose_config(["model=tiny", *overrides, "trainer.eval_tasks=[tiny_mc]"]))
-    assert str(e.value) == (
-        "trainer.eval_tasks are scored by DP group 0's model: not yet with pipeline or sequence "
-        f"parallelism or ZeRO-3 ({settings})"
-    )
-
-
-def test_eval_tasks_are_accepted_with_tensor_parallelism() -> None:
-    validate(compose_config(["model=tiny", "parallel.tp=2", "trainer.eval_tasks=[tiny_mc]"]))
+def test_samples_and_eval_tasks_are_accepted_in_every_layout(layout: list[str]) -> None:
+    validate(compose_config(["model=tiny", *layout, *SAMPLING, "trainer.eval_tasks=[tiny_mc]"]))
