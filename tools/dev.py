@@ -41,6 +41,7 @@ PINNED = [
     "submitit==1.5.4",
     "pyarrow==26.0.1",  # prepare_data: parquet input
     "zstandard==0.25.0",  # prepare_data: .jsonl.zst input
+    "xxhash==4.1.0",  # shard checksums (data format 2)
     "sentencepiece==0.2.3",  # prepare_data: --tokenizer x.model
     "triton==3.9.0",  # kernels/: tested on CPU through its interpreter (TRITON_INTERPRET=1)
     "jinja2==3.1.6",  # prepare_data --format chat (torch brings it too)

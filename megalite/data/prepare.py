@@ -73,7 +73,7 @@ from megalite.data.split import SplitPlan
 from megalite.data.writer import PACKING_COUNTS, PackedWriter, ShardWriter, WriterPosition
 from megalite.files import atomic_write
 
-PREPARE_VERSION = 1  # bump when the bytes written for the same input and options change
+PREPARE_VERSION = 2  # bump when the bytes written for the same input and options change
 DEDUP_MODES = ("exact", "minhash", "none")
 _BATCH_DOCS, _BATCH_CHARS = 512, 2**20  # a tokenizer / MinHash batch holds at most these
 

@@ -10,11 +10,13 @@ A data source is named by one string, `data.path` or a mixture source's `path`:
   (`train/shard-000000.tar`): `.../web/manifest.json`, `.../web/val/shard-000000.tar`. The train
   split is the shards the pattern names (a subset selects part of a dataset); val is all of it.
 
-The manifest still says how many tokens each shard holds and its sha256, so planning reads no
-shard and every read is checked. A read that fails (the file is missing, the command exits
-non-zero, a URL's bytes do not match the manifest or its manifest does not parse: a partial
-download) is retried with exponential backoff, then reported as a `DataError` naming the shard. A
-local file whose bytes do not match is damaged, not flaky: it fails at once, naming both hashes.
+The manifest still says how many tokens each shard holds and its checksum (xxh3-64, or sha256 in
+a format-1 folder), so planning reads no shard and every read is checked. A read that fails (the
+file is missing, the command exits non-zero, a URL's bytes do not match the manifest or its
+manifest does not parse: a partial download) is retried with exponential backoff, then reported
+as a `DataError` naming the shard. A local file whose bytes do not match is damaged, not flaky:
+it fails at once, naming both hashes. A local file is hashed while it is read, with the algorithm
+its check wants (`read_checked`).
 """
 
 from __future__ import annotations
@@ -136,24 +138,32 @@ def read_shard_at(
         lambda data: decode_shard(data, info, dtype=dtype, name=url),
         what=f"shard {url}",
         retry=retry,
+        checksum=info.checksum[0],
     )
 
 
-def read_checked(url: str, check: Callable[[bytes | Hashed], T], *, what: str, retry: Retry) -> T:
+def read_checked(
+    url: str,
+    check: Callable[[bytes | Hashed], T],
+    *,
+    what: str,
+    retry: Retry,
+    checksum: str = "sha256",
+) -> T:
     """`check` of the bytes at `url`. A URL's bytes may be a partial download, so a failed check
     is retried with the read; a local file's bytes are what is on disk, so a failed check
     (damage) raises at once, and only the read itself (a network file system's hiccup) is
-    retried."""
+    retried. A local file's bytes come hashed with `checksum` (the algorithm `check` compares)."""
     if _URL.match(url):
         return with_retries(lambda: check(read_bytes(url)), what=what, retry=retry)
-    return check(with_retries(lambda: read_bytes(url), what=what, retry=retry))
+    return check(with_retries(lambda: read_bytes(url, checksum), what=what, retry=retry))
 
 
-def read_bytes(url: str) -> bytes | Hashed:
-    """All bytes of a local path (`Hashed`: with their sha256) or a WebDataset URL; OSError when
-    it cannot be read whole."""
+def read_bytes(url: str, checksum: str = "sha256") -> bytes | Hashed:
+    """All bytes of a local path (`Hashed`: with their `checksum`, hashed as they are read) or a
+    WebDataset URL; OSError when it cannot be read whole."""
     if not _URL.match(url):
-        return read_hashed(url)
+        return read_hashed(url, checksum)
     if url.startswith("pipe:"):  # as gopen runs it, with the command's own error kept
         done = subprocess.run(url[5:], shell=True, capture_output=True)
         if done.returncode != 0:

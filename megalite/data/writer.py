@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from megalite.data.codec import shard_bytes
+from megalite.data.codec import hexdigest, shard_bytes
 from megalite.data.errors import DataError
 from megalite.data.loss_mask import MASKED_DTYPE
 from megalite.data.manifest import ShardInfo
@@ -32,7 +32,7 @@ class WriterPosition:
     counts: dict[str, int] = field(default_factory=dict)  # a `PackedWriter`'s counters
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "shards": [asdict(s) for s in self.shards]}
+        return {**asdict(self), "shards": [s.to_json() for s in self.shards]}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> WriterPosition:
@@ -54,6 +54,7 @@ def write_shard(
         documents=documents,
         tokens=sum(len(s) for s in samples),
         sha256=hashlib.sha256(data).hexdigest(),
+        xxh3_64=hexdigest("xxh3_64", data),
     )
 
 

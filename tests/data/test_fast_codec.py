@@ -180,7 +180,10 @@ def test_read_hashed(tmp_path: Path, size: int, monkeypatch: pytest.MonkeyPatch)
     path = tmp_path / "f"
     path.write_bytes(payload)
     data = codec.read_hashed(path)
-    assert bytes(data) == payload and data.sha256 == hashlib.sha256(payload).hexdigest()
+    assert bytes(data) == payload and data.checksum == (
+        "sha256",
+        hashlib.sha256(payload).hexdigest(),
+    )
     assert not data.flags.writeable
     with pytest.raises(OSError):
         codec.read_hashed(tmp_path / "missing")
@@ -207,7 +210,7 @@ def test_decode_shard_checks_the_read_hash(tmp_path: Path) -> None:
     info = ShardInfo("s.tar", 3, 0, 30, hashlib.sha256(data).hexdigest())
     assert len(codec.read_shard(path, info, dtype="uint16")) == 3
     read = codec.read_hashed(path)
-    read.sha256 = "0" * 64  # what a read of other bytes would bring
+    read.checksum = ("sha256", "0" * 64)  # what a read of other bytes would bring
     with pytest.raises(DataError, match="is corrupt .* sha256 0000000000000000…"):
         codec.decode_shard(read, info, dtype="uint16", name=str(path))
 

@@ -69,7 +69,7 @@ def test_identical_input_gives_byte_identical_output(tmp_path: Path, corpus: Pat
 def test_manifest_contents(small_data: Path, corpus: Path) -> None:
     m = load_manifest(small_data)
     raw = json.loads((small_data / "manifest.json").read_text())
-    assert raw["format_version"] == 1 and raw["tokenizer"] == "tokenizer.json"
+    assert raw["format_version"] == 2 and raw["tokenizer"] == "tokenizer.json"
     assert (m.dtype, m.eod_token, m.eod_token_id, m.vocab_size) == (
         "uint16",
         "<|endoftext|>",

@@ -281,7 +281,7 @@ def test_damaged_shard_raises_naming_it(
     reads: Counter[str] = Counter()
     read_bytes = shards_module.read_bytes
     monkeypatch.setattr(
-        shards_module, "read_bytes", lambda url: reads.update([url]) or read_bytes(url)
+        shards_module, "read_bytes", lambda url, *a: reads.update([url]) or read_bytes(url, *a)
     )
     stream = make(root, shuffle=False, retry=Retry(attempts=3, delay_s=0.0))
     with pytest.raises(DataError, match=re.escape(str(victim))) as e:

@@ -225,8 +225,14 @@ def main() -> None:
     print(f"{'measure':<36}{'rate':>14}  unit")
     for name, rate, unit in rows:
         print(f"{name:<36}{rate:>14,.1f}  {unit}")
-    best = max(stream_rates.values())
-    print(f"\nstreaming / raw read: {best / raw_tps:.0%} (goal ≥ 50%)")
+    best = max(stream_rates, key=lambda w: stream_rates[w])
+    check = m.split("train").shards[0].checksum[0]
+    print(
+        f"\nstreaming / raw read: {stream_rates[best] / raw_tps:.0%} (goal ≥ 50%): "
+        f"{stream_rates[best] / 1e6:,.0f}M tokens/s (one cold epoch, {best} loader worker(s), the "
+        f"fastest row) / {raw_tps / 1e6:,.0f}M tokens/s (the fastest of 3 cold reads of the "
+        f"same shards); format {m.format_version}, checked by {check}"
+    )
     if train_tps is not None:
         print(f"streaming / 7b-on-H100 consumption: {best / train_tps:.0f}x (goal ≥ 20x)")
 
