@@ -28,28 +28,32 @@ PROMPTS = ["ROMEO:", "JULIET:"]
 SAMPLING = ["trainer.sample_interval=2", 'trainer.sample_prompts=["ROMEO:","JULIET:"]']
 
 
+def assert_samples_are_logged_and_generated(run: Path, *, tokens: int) -> None:
+    """The samples of steps 2 and 4 in samples.jsonl, rank 0's log (alone) and the wandb run; the
+    last equal a single-process `generate` of the final checkpoint (step 4)."""
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in (2, 4) for p in PROMPTS]
+    lines = log_file(run, 0).read_text()
+    for r in rows:
+        text = r["text"].replace("\n", "\\n")
+        assert f"sample step {r['step']} | {r['prompt']} → {text}" in lines
+    assert "sample step" not in log_file(run, 1).read_text()  # rank 0 alone writes
+    (wandb_run,) = (run / "wandb").glob("offline-run-*")
+    assert list(wandb_run.rglob("samples_*.table.json")), "no samples table in the wandb run"
+
+    loaded = load_model(run)  # the final checkpoint (step 4), the data's tokenizer
+    tok = loaded.tokenizer
+    assert tok is not None and tok.eos_id is not None
+    new = generate(loaded.model, [tok.encode(p) for p in PROMPTS], max_new_tokens=tokens,
+                   stop_ids=(tok.eos_id,))  # fmt: skip
+    assert [r["text"] for r in rows[-2:]] == [tok.decode(ids) for ids in new]
+
+
 def test_a_tp2_run_samples_what_one_process_generates(sample_data: Path, tmp_path: Path) -> None:
     cfg = short_job(sample_data, tmp_path, "parallel.tp=2", "logging.wandb.mode=offline",
                     "trainer.sample_tokens=12", *SAMPLING, steps=4)  # fmt: skip
     launch(cfg, default_run_dir=tmp_path)
-
-    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in (2, 4) for p in PROMPTS]
-    lines = log_file(tmp_path, 0).read_text()
-    for r in rows:
-        text = r["text"].replace("\n", "\\n")
-        assert f"sample step {r['step']} | {r['prompt']} → {text}" in lines
-    assert "sample step" not in log_file(tmp_path, 1).read_text()  # rank 0 alone writes
-
-    (run,) = (tmp_path / "wandb").glob("offline-run-*")
-    assert list(run.rglob("samples_*.table.json")), "no samples table in the wandb run"
-
-    loaded = load_model(tmp_path)  # the final checkpoint (step 4), the data's tokenizer
-    tok = loaded.tokenizer
-    assert tok is not None and tok.eos_id is not None
-    new = generate(loaded.model, [tok.encode(p) for p in PROMPTS], max_new_tokens=12,
-                   stop_ids=(tok.eos_id,))  # fmt: skip
-    assert [r["text"] for r in rows[-2:]] == [tok.decode(ids) for ids in new]
+    assert_samples_are_logged_and_generated(tmp_path, tokens=12)
 
 
 def _tp_decoding(rank: int, world: int, out: str) -> None:

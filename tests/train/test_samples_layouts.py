@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from megalite.infer.generate import generate
-from megalite.infer.load import load_model
 from megalite.launch import launch
 from megalite.train.logbook import log_file
 from tests.helpers import read_metrics, short_job
 from tests.infer.tasks import MC_TASK
+from tests.train.test_samples import assert_samples_are_logged_and_generated
 
 PROMPTS = ["ROMEO:", "JULIET:"]
 TOKENS = 12
@@ -61,22 +60,7 @@ def run(request, sample_data: Path, tasks: Path, tmp_path_factory) -> Path:
 
 
 def test_samples_are_logged_and_equal_a_single_process_generate(run: Path) -> None:
-    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in (2, 4) for p in PROMPTS]
-    lines = log_file(run, 0).read_text()
-    for r in rows:
-        text = r["text"].replace("\n", "\\n")
-        assert f"sample step {r['step']} | {r['prompt']} → {text}" in lines
-    assert "sample step" not in log_file(run, 1).read_text()  # rank 0 alone writes
-    (wandb_run,) = (run / "wandb").glob("offline-run-*")
-    assert list(wandb_run.rglob("samples_*.table.json")), "no samples table in the wandb run"
-
-    loaded = load_model(run)  # the final checkpoint (step 4), the data's tokenizer
-    tok = loaded.tokenizer
-    assert tok is not None and tok.eos_id is not None
-    new = generate(loaded.model, [tok.encode(p) for p in PROMPTS], max_new_tokens=TOKENS,
-                   stop_ids=(tok.eos_id,))  # fmt: skip
-    assert [r["text"] for r in rows[-2:]] == [tok.decode(ids) for ids in new]
+    assert_samples_are_logged_and_generated(run, tokens=TOKENS)
 
 
 def test_task_scores_equal_an_offline_score_of_the_final_checkpoint(run: Path, tasks: Path) -> None:
