@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING, OmegaConf
 
+CP_IMPLS = ("ring", "ulysses")  # parallel.cp_impl (parallel/context.py)
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line that names the fix."""
@@ -76,6 +78,11 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    # Context parallelism: each sequence split over cp ranks (parallel/context.py), attention by
+    # ring (balanced split) or ulysses (all-to-all over heads, contiguous split). Ranks: tp
+    # innermost, then cp, dp, pp (parallel/dims.py); gradients and ZeRO over dp x cp.
+    cp: int = 1
+    cp_impl: str = "ring"  # ring | ulysses
     zero_stage: int = 1
     sequence_parallel: bool = False
     pipeline_partition: str = "uniform"  # uniform (layer count) | parameters (parameter count)
@@ -83,11 +90,12 @@ class ParallelConfig:
 
     @property
     def effective_zero_stage(self) -> int:
-        return effective_zero_stage(self.zero_stage, dp=self.dp, pp=self.pp)
+        return effective_zero_stage(self.zero_stage, dp=self.dp * self.cp, pp=self.pp)
 
 
 def effective_zero_stage(zero_stage: int, *, dp: int, pp: int) -> int:
-    """The ZeRO stage that runs. ZeRO partitions over the data-parallel group; with dp=1 there is
+    """The ZeRO stage that runs. ZeRO partitions over the data-parallel group (dp x cp ranks
+    with context parallelism: pass their product as `dp`); with dp=1 there is
     nothing to partition and stages 1-3 would only add copies (about 9% of a CPU step, measured
     by tools/bench/throughput_cpu.py), so dp=1 runs stage 0 (except under a pipeline, where
     DeepSpeed reports the gradient norm only through its ZeRO optimizer)."""
@@ -242,7 +250,7 @@ class Config:
 
     @property
     def world_size(self) -> int:
-        return self.parallel.tp * self.parallel.pp * self.parallel.dp
+        return self.parallel.tp * self.parallel.cp * self.parallel.pp * self.parallel.dp
 
     @property
     def grad_accum_steps(self) -> int:
@@ -293,7 +301,7 @@ def validate_model(m: ModelConfig) -> None:
 
 
 def validate_parallel(p: ParallelConfig, m: ModelConfig) -> None:
-    for key in ("tp", "pp", "dp"):
+    for key in ("tp", "pp", "dp", "cp"):
         _require(getattr(p, key) >= 1, f"parallel.{key}={getattr(p, key)} must be >= 1")
     _require(
         p.zero_stage in (0, 1, 2, 3),
@@ -493,19 +501,20 @@ def validate_cluster(c: ClusterConfig, p: ParallelConfig) -> None:
     except ValueError:
         minutes = 0
     _require(minutes > 0, f"cluster.time={c.time!r}: use D-HH:MM:SS, HH:MM:SS or minutes")
-    tasks = c.ntasks_per_node(p.tp * p.pp * p.dp)
+    tasks = c.ntasks_per_node(p.tp * p.cp * p.pp * p.dp)
     if c.gpus_per_node:
         _require(
             tasks == c.gpus_per_node,
             f"cluster.tasks_per_node={tasks} but cluster.gpus_per_node={c.gpus_per_node}: "
             "megalite runs one task per GPU; drop cluster.tasks_per_node",
         )
-    ranks, mp = c.nodes * tasks, p.tp * p.pp
+    ranks, mp = c.nodes * tasks, p.tp * p.cp * p.pp
     fix = f"set parallel.dp={ranks // mp}" if ranks % mp == 0 else "change cluster.nodes"
     _require(
-        ranks == p.tp * p.pp * p.dp,
+        ranks == p.tp * p.cp * p.pp * p.dp,
         f"cluster.nodes x {'gpus' if c.gpus_per_node else 'tasks'}_per_node = {c.nodes} x {tasks} "
-        f"= {ranks} ranks but tp x pp x dp = {p.tp} x {p.pp} x {p.dp} = {p.tp * p.pp * p.dp}: "
+        f"= {ranks} ranks but tp x pp x dp = {p.tp} x {p.pp} x {p.dp} = {p.tp * p.pp * p.dp}"
+        f"{f' (x cp {p.cp})' if p.cp > 1 else ''}: "
         f"{fix}",
     )
 
@@ -528,10 +537,59 @@ def validate(cfg: Config, *, world_size: int | None = None) -> None:
         _require(
             world_size == cfg.world_size,
             f"world size {world_size} != tp x pp x dp = {p.tp} x {p.pp} x {p.dp} = "
-            f"{cfg.world_size}: set parallel.dp={max(1, world_size // (p.tp * p.pp))} "
+            f"{cfg.world_size}{f' (x cp {p.cp})' if p.cp > 1 else ''}: set "
+            f"parallel.dp={max(1, world_size // (p.tp * p.cp * p.pp))} "
             "or start that many processes",
         )
     validate_data(cfg.data)
+    validate_context(cfg)
+
+
+def validate_context(cfg: Config) -> None:
+    """What context parallelism (parallel.cp > 1) needs, and what this slice does not yet run."""
+    p, t, m = cfg.parallel, cfg.trainer, cfg.model
+    _require(
+        p.cp_impl in CP_IMPLS, f"parallel.cp_impl={p.cp_impl!r}: use one of {', '.join(CP_IMPLS)}"
+    )
+    if p.cp == 1:
+        return
+    ring = p.cp_impl == "ring"
+    parts = 2 * p.cp if ring else p.cp
+    _require(
+        t.seq_len % parts == 0,
+        f"trainer.seq_len={t.seq_len} is not divisible by {'2 x ' if ring else ''}parallel.cp = "
+        f"{parts}, which the {p.cp_impl} split needs: use a multiple of {parts}",
+    )
+    _require(
+        not p.sequence_parallel or (t.seq_len // p.cp) % p.tp == 0,
+        f"trainer.seq_len / parallel.cp = {t.seq_len // p.cp} tokens per cp rank are not "
+        f"divisible by parallel.tp={p.tp}, which sequence parallelism needs: use a multiple of "
+        f"{p.cp * p.tp}",
+    )
+    _require(
+        ring or (m.n_heads // p.tp) % p.cp == 0,
+        f"parallel.cp_impl=ulysses splits the {m.n_heads // p.tp} heads per tensor-parallel rank "
+        f"over parallel.cp={p.cp}, which does not divide them: use parallel.cp_impl=ring",
+    )
+    _require(
+        p.pp == 1,
+        f"parallel.cp={p.cp} with a pipeline (parallel.pp={p.pp}) is not supported yet: "
+        "use parallel.pp=1",
+    )
+    _require(
+        not cfg.data.document_mask,
+        "data.document_mask=true cannot run with parallel.cp > 1 (context attention is causal "
+        "over the whole window): set data.document_mask=false or parallel.cp=1",
+    )
+    _require(
+        not (t.sample_interval or t.eval_tasks),
+        "trainer.sample_interval / trainer.eval_tasks do not run with parallel.cp > 1 yet: "
+        "set trainer.sample_interval=0 trainer.eval_tasks=[] or parallel.cp=1",
+    )
+    _require(
+        t.init_from is None,
+        "trainer.init_from with parallel.cp > 1 is not supported yet: start at parallel.cp=1",
+    )
 
 
 def doubtful(cfg: Config) -> list[str]:

@@ -270,9 +270,8 @@ def resolve_resume(cfg: Config, run_dir: Path) -> list[Path]:
     meta = store.read_meta(found[0])
     meta["path"] = str(found[0])
     p = cfg.parallel
-    store.check_compatible(
-        meta, model=asdict(cfg.model), layout={"tp": p.tp, "pp": p.pp, "dp": p.dp}
-    )
+    layout = {"tp": p.tp, "pp": p.pp, "dp": p.dp} | ({"cp": p.cp} if p.cp > 1 else {})
+    store.check_compatible(meta, model=asdict(cfg.model), layout=layout)
     return found
 
 

@@ -373,6 +373,13 @@ def verify(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
+_LAYOUT_DEFAULTS = {"cp": 1}  # what a layout that does not name an axis means
+
+
+def _degree(layout: dict[str, int], axis: str) -> int | None:
+    return layout.get(axis, _LAYOUT_DEFAULTS.get(axis))
+
+
 def check_compatible(
     meta: dict[str, Any], *, model: dict[str, Any], layout: dict[str, int]
 ) -> None:
@@ -390,7 +397,9 @@ def check_compatible(
             + "; use the matching model preset"
         )
     saved_layout = meta["layout"]
-    if {k: saved_layout.get(k) for k in layout} != layout:
+    # A layout names cp only where it is > 1. A change of cp is refused for now: cp shards no
+    # weight, but ZeRO's partitions (and DeepSpeed's files) are over dp x cp.
+    if any(_degree(saved_layout, k) != _degree(layout, k) for k in {*layout, *_LAYOUT_DEFAULTS}):
         raise CheckpointError(
             f"checkpoint layout {saved_layout} differs from this run's {layout}: "
             "convert it with `python tools/convert.py reshard` or run with the saved layout"

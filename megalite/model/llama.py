@@ -49,6 +49,10 @@ class RotaryEmbedding(nn.Module):
     The tables are computed in fp32 and kept as non-persistent buffers (rebuilt by `init_tables`,
     never checkpointed). `apply_rotary` casts them to the activations' dtype, as HF does; if the
     model is cast to bf16 the tables are rounded the same way.
+
+    `local_positions`, None in the plain model, is set where the sequence is split over ranks
+    (context parallelism, `parallelize.apply_cp`): it maps a rank's local length s to the global
+    positions (s,) of its tokens, which `forward` then returns the tables of.
     """
 
     cos: torch.Tensor  # (max_seq_len, head_dim) fp32
@@ -58,6 +62,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
+        self.local_positions: Callable[[int, torch.device], torch.Tensor] | None = None
         shape = (max_seq_len, head_dim)
         self.register_buffer("cos", torch.empty(shape, dtype=torch.float32), persistent=False)
         self.register_buffer("sin", torch.empty(shape, dtype=torch.float32), persistent=False)
@@ -77,7 +82,11 @@ class RotaryEmbedding(nn.Module):
         self.cos, self.sin = angles.cos(), angles.sin()
 
     def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tables for positions [0, seq_len): two (seq_len, head_dim) fp32 tensors."""
+        """The tables for positions [0, seq_len), or for `local_positions(seq_len)` where it is
+        set: two (seq_len, head_dim) fp32 tensors."""
+        if self.local_positions is not None:
+            positions = self.local_positions(seq_len, self.cos.device)  # (seq_len,)
+            return self.cos[positions], self.sin[positions]
         if seq_len > self.cos.shape[0]:
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len {self.cos.shape[0]}")
         return self.cos[:seq_len], self.sin[:seq_len]

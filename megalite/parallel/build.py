@@ -1,13 +1,14 @@
 """Build this rank's part of the model, and nothing more: the one place the model meets ranks.
 
 The plain `Llama` is made on the meta device (no memory); tensor parallelism cuts it there
-(`parallelize.apply_tp`), activation checkpointing wraps its blocks, and a pipeline picks this
-stage's layers by DeepSpeed's own rule. Only then are the parameters this rank holds created on
-its device and drawn, piece by piece (`model.init`: each row or column from its own generator, so
-every layout starts from exactly the single-process weights). Under ZeRO-3 each block is
-partitioned over the data-parallel group by DeepSpeed (`deepspeed.zero.Init(module=…)`) as soon as
-it is drawn, so a rank never holds more than its partitions plus one block. With `init=False`
-(a resume: the checkpoint overwrites every value) nothing is drawn.
+(`parallelize.apply_tp`), context parallelism splits its sequence (`parallelize.apply_cp`),
+activation checkpointing wraps its blocks, and a pipeline picks this stage's layers by DeepSpeed's
+own rule. Only then are the parameters this rank holds created on its device and drawn, piece by
+piece (`model.init`: each row or column from its own generator, so every layout starts from
+exactly the single-process weights). Under ZeRO-3 each block is partitioned over the data-parallel
+(dp x cp) group by DeepSpeed (`deepspeed.zero.Init(module=…)`) as soon as it is drawn, so a rank
+never holds more than its partitions plus one block. With `init=False` (a resume: the checkpoint
+overwrites every value) nothing is drawn.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from megalite.model.llama import Llama, RotaryEmbedding
 from megalite.parallel.checkpointing import apply_ac
 from megalite.parallel.dims import DeepSpeedMPU, ParallelDims
 from megalite.parallel.engine import deepspeed_config
-from megalite.parallel.parallelize import LossFn, apply_tp, head_entry, tag_plain_names
+from megalite.parallel.parallelize import (
+    LossFn,
+    apply_cp,
+    apply_tp,
+    head_entry,
+    tag_plain_names,
+)
 from megalite.parallel.pipeline import (
     bubble_fraction,
     build_pipeline,
@@ -54,6 +61,7 @@ def build_model(
         log.info("document mask: each document of a window on its own (ends at id %d)",
                  model.document_eod)  # fmt: skip
     loss_fn = apply_tp(model, dims, sequence_parallel=p.sequence_parallel)
+    loss_fn = apply_cp(model, dims, impl=p.cp_impl, loss_fn=loss_fn)
     tag_plain_names(model)
     apply_ac(model, p.activation_checkpointing)
     if cfg.trainer.compile:
@@ -197,7 +205,7 @@ def zero3_partitioner(cfg: Config, dims: ParallelDims):
         module.to(dtype)
         deepspeed.zero.Init(
             module=module,
-            data_parallel_group=dims.group("dp"),
+            data_parallel_group=dims.group("dp_cp"),
             config_dict_or_path=ds_config,
             dtype=dtype,
             mpu=mpu,

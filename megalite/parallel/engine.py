@@ -60,7 +60,9 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     t = cfg.trainer
     stage = cfg.parallel.effective_zero_stage
     ds: dict[str, Any] = {
-        "train_batch_size": t.global_batch_size,
+        # DeepSpeed's data-parallel ranks are dp x cp (dims.DeepSpeedMPU), each counted as
+        # holding micro_batch_size sequences: its batch is cp x the global batch of windows.
+        "train_batch_size": t.global_batch_size * cfg.parallel.cp,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "gradient_clipping": 0.0 if megalite_clips(cfg) else float(cfg.optim.grad_clip),
@@ -99,6 +101,6 @@ def build_engine(model: nn.Module, cfg: Config, dims: ParallelDims) -> tuple[Any
         mpu=None if dims.pp > 1 else DeepSpeedMPU(dims),
         dist_init_required=False,
     )
-    if dims.dp == 1 and dims.pp == 1 and cfg.parallel.effective_zero_stage == 0:
+    if dims.dp_cp == 1 and dims.pp == 1 and cfg.parallel.effective_zero_stage == 0:
         skip_lone_reduction(engine)  # an all-reduce over one rank: the gradients unchanged
     return engine, scheduler

@@ -1,4 +1,5 @@
-"""Apply tensor parallelism to a plain `Llama`, in place: the one place the model meets ranks.
+"""Apply tensor and context parallelism to a plain `Llama`, in place: the one place the model
+meets ranks.
 
 Applied to a model on the meta device (`parallel.build`, which then draws only this rank's
 values), or to a built one (whose full tensors are cut; tests and tools). Each rank keeps its
@@ -12,11 +13,18 @@ slices, as `placement.TPShard` cuts them:
   and masked out of the loss; the loss is the vocab-parallel cross-entropy;
 - regions: one collective pair around attention, MLP and head: copy/all-reduce, or with sequence
   parallelism all-gather/reduce-scatter along the sequence, with norms and residuals sharded.
+
+Context parallelism (`apply_cp`) shards no weight: the model takes the full window (b, s) and keeps
+this cp rank's part of it (`context.split_sequence`: balanced for ring, contiguous for ulysses),
+rotary embeddings use those tokens' global positions, every attention core becomes
+`context.context_attention` over the cp group, and the loss takes the full targets and keeps the
+same part, so it is the mean over this rank's tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +35,9 @@ import torch.distributed as dist
 from torch import nn
 
 from megalite.model import ops
+from megalite.model.documents import Documents
 from megalite.model.llama import IGNORE_INDEX, Llama, TransformerBlock, cross_entropy
+from megalite.parallel.context import context_attention, positions, split_sequence
 from megalite.parallel.dims import ParallelDims
 from megalite.parallel.placement import PlainNamed, TPShard, block_shards, kv_replicas, vocab_shard
 from megalite.parallel.tensor import (
@@ -147,6 +157,39 @@ def apply_tp(model: Llama, dims: ParallelDims, *, sequence_parallel: bool) -> Lo
             vocab_start=plan.vocab_start,
             vocab_size=plan.vocab_size,
         )
+
+    return loss
+
+
+def apply_cp(model: Llama, dims: ParallelDims, *, impl: str, loss_fn: LossFn) -> LossFn:
+    """Split each sequence over the cp group in place (see the module docstring); returns
+    `loss_fn` taking the full targets (b, s). With cp=1 the model and `loss_fn` are untouched."""
+    if dims.cp == 1:
+        return loss_fn
+    group, rank, size, balanced = dims.group("cp"), dims.cp_rank, dims.cp, impl == "ring"
+
+    def local(x: torch.Tensor) -> torch.Tensor:  # (b, s, ...) -> (b, s / cp, ...)
+        return split_sequence(x, 1, rank, size, balanced=balanced)
+
+    @functools.cache
+    def local_positions(s_local: int, device: torch.device) -> torch.Tensor:  # (s_local,)
+        return positions(s_local * size, rank, size, balanced=balanced, device=device)
+
+    def core(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents | None = None
+    ) -> torch.Tensor:  # (b, heads, s / cp, hd) -> (b, n_heads, s / cp, hd)
+        if documents is not None:
+            raise ValueError("document masks do not run under context parallelism (parallel.cp)")
+        return context_attention(q, k, v, impl=impl, group=group)
+
+    model.rope.local_positions = local_positions
+    for layer in model.layers:
+        assert isinstance(layer, TransformerBlock)  # an nn.ModuleList types its items as Module
+        layer.attn.core = core
+    model.register_forward_pre_hook(lambda _m, args: (local(args[0]), *args[1:]))
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return loss_fn(logits, local(targets))  # logits (b, s / cp, vocab), targets (b, s)
 
     return loss
 

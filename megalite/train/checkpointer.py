@@ -72,7 +72,8 @@ class Checkpointer:
         return {
             "consumed_tokens": consumed_tokens,
             "model": asdict(self.cfg.model),
-            "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp},
+            # cp (context parallelism) only where it is > 1: a cp=1 layout is as it always was
+            "layout": {"tp": p.tp, "pp": p.pp, "dp": p.dp} | ({"cp": p.cp} if p.cp > 1 else {}),
             "sequence_parallel": p.sequence_parallel,
             "tp_shards": self.tp_shards,
             "zero_stage": p.zero_stage,

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megalite.config import Config
+from megalite.config import Config, ConfigError
 from megalite.data import loss_mask
 from megalite.data.loader import Loader
 from megalite.model.flops import flops_per_token
@@ -114,6 +114,11 @@ class Trainer:
         # moves past a step's windows unread.
         self.reads_data = not self.pipeline or engine.is_first_stage() or engine.is_last_stage()
         self.masked = train_data.loss_mask  # else each micro-batch's weight is 1, uncounted
+        if self.masked and dims.cp > 1:
+            raise ConfigError(
+                "data with a loss mask (SFT) does not run with parallel.cp > 1 yet (each cp rank's "
+                "share of the trained targets differs): use parallel.cp=1"
+            )
         if self.pipeline:
             judge_before_step(self.engine, self.anomalies.judge)
         self.watch = watch  # trainer.sample_interval, trainer.eval_tasks (watch.py)
@@ -166,14 +171,17 @@ class Trainer:
     # ---- steps ----------------------------------------------------------------------------
 
     def _dp_mean(self, value: torch.Tensor) -> float:
+        """The mean of `value` over the dp x cp ranks (each cp rank's: the mean over its part of
+        the sequence, equal in size), read on the host."""
         value = value.detach().to(torch.float64)
-        dist.all_reduce(value, group=self.dims.group("dp"))
-        return host.read(value)[0] / self.dims.dp
+        dist.all_reduce(value, group=self.dims.group("dp_cp"))
+        return host.read(value)[0] / self.dims.dp_cp
 
     def _judged_loss(self, loss: torch.Tensor) -> float:
         """The step's loss for the judge: its mean over DP, reduced over the whole world in one
         all-reduce with every rank's stop flags (`StopRequest.flags`), read in the step's one host
-        sync. A DP replica's loss counts once (its TP rank 0's; the others add 0, exactly)."""
+        sync. A DP replica's loss counts once per cp rank (its TP rank 0's; the others add 0,
+        exactly), each cp rank's the mean over its equal part of the sequence."""
         mine = loss.detach().to(torch.float64).reshape(1) * float(self.dims.tp_rank == 0)
         parts = [mine] + ([self.stop.flags(self.device)] if self.stop is not None else [])
         stats = torch.cat(parts)  # (1 + signals,)
@@ -181,7 +189,7 @@ class Trainer:
         values = host.read(stats)
         if self.stop is not None:
             self._stop_signal = self.stop.agree(values[1:])
-        return values[0] / self.dims.dp
+        return values[0] / self.dims.dp_cp
 
     def _agreed_stop(self) -> int:
         """The stop request every rank agrees on at this step boundary: read with the step's

@@ -167,7 +167,7 @@ def _train(
     startup: StartupWatchdog,
 ) -> dict[str, Any]:
     p = cfg.parallel
-    dims = ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, global_rank=env.global_rank)
+    dims = ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, global_rank=env.global_rank, cp=p.cp)
     peers = "the other ranks (a collective of the set-up)"
     memory = MemoryCheck(cfg, stage=dims.pp_rank, device=device)  # its baseline: before the build
     memory.log_plan()
@@ -303,10 +303,11 @@ def quality_watch(
 def _log_layout(cfg: Config, dims: ParallelDims, device: torch.device) -> None:
     p, zero = cfg.parallel, cfg.parallel.effective_zero_stage
     log.info(
-        "world %d = tp %d%s x pp %d x dp %d | ZeRO %d%s | %s | device %s | pid %d | ops %s",
+        "world %d = tp %d%s%s x pp %d x dp %d | ZeRO %d%s | %s | device %s | pid %d | ops %s",
         dims.world_size,
         p.tp,
         " (sequence parallel)" if p.sequence_parallel else "",
+        f" x cp {p.cp} ({p.cp_impl})" if p.cp > 1 else "",
         p.pp,
         p.dp,
         zero,
